@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine (Python >= 3.10 and a C++ compiler assumed):
+#   make demo   set up .venv, then run the main job on the embedded default model
+#   make test   set up .venv, then run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cloq-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned, so that a CPU machine does not pull a multi-GB CUDA build;
+# the editable install then builds the C++ extension against it (no build isolation, which would
+# fetch torch again).
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q setuptools wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -c "import cloq_engine as ce; print('cloq_engine', ce.__version__, 'backends:', ce.available_backends())"
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) -m cloq_engine.demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/quantize.py
+
+clean:
+	rm -rf build *.egg-info cloq_engine/_C*.so

@@ -1,0 +1,16 @@
+"""cloq-engine: calibrated LoRA initialisation (CLoQ, QuAILoRA) for 2/3/4-bit quantized LLMs."""
+from .backends import active_backend, available_backends, set_backend
+from .config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
+from .formats import QuantizedWeight, pack_codes, unpack_codes
+from .gram import GramAccumulator
+from .init import init_lora
+from .quant import quantize_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantConfig", "LoRAConfig", "QuantMethod", "InitMethod",
+    "QuantizedWeight", "pack_codes", "unpack_codes", "quantize_weight",
+    "GramAccumulator", "init_lora",
+    "set_backend", "active_backend", "available_backends",
+]

@@ -1,0 +1,69 @@
+"""The PyTorch reference backend: the numerical spec every other backend is tested against.
+
+Every backend module (``torch_ref``, ``triton``, ``cpp``) exposes the same functions:
+
+* ``dequantize(qw) -> Tensor``: float32 (out_features, in_features).
+* ``forward(x, qw, lora_A, lora_B, scaling, bias=None, x_lora=None) -> (y, S)``:
+  ``S = x_lora @ A^T`` and ``y = x @ Ŵ^T + scaling * S @ B^T + bias``, for 2-D ``x`` [M, K];
+  ``x_lora`` (dropout applied) defaults to ``x``. ``y`` has x's dtype; ``S`` is float32.
+* ``backward(dy, x, S, qw, lora_A, lora_B, scaling, x_lora=None, need_dx=True)
+  -> (dx, dx_lora, dA, dB)`` with ``dS = scaling * dy @ B``, ``dB = scaling * dy^T @ S``,
+  ``dA = dS^T @ x_lora``, ``dx = dy @ Ŵ`` plus ``dS @ A`` when ``x_lora`` is None (fused), else
+  ``dx_lora = dS @ A`` is returned apart. dx has x's dtype, dA/dB the parameters' dtypes.
+* ``gram_add(H, x)``: ``H += x^T x`` in H's dtype (float32 or float64), x 2-D.
+
+Accumulation is float32 throughout (inputs are upcast before any arithmetic).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..formats import NF4_CODEBOOK, QuantizedWeight, unpack_codes
+
+NAME = "torch"
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    codes = unpack_codes(qw.qweight, qw.bits, qw.in_features)  # [K, N]
+    g = qw.effective_group_size
+    scales = qw.scales.float().repeat_interleave(g, dim=0)  # [K, N]
+    if qw.is_nf4:
+        w_t = NF4_CODEBOOK.to(codes.device)[codes] * scales
+    else:
+        zeros = qw.zeros.float().repeat_interleave(g, dim=0)
+        w_t = (codes.float() - zeros) * scales
+    return w_t.t().contiguous()
+
+
+def forward(x, qw: QuantizedWeight, lora_A, lora_B, scaling: float, bias=None, x_lora=None):
+    w = dequantize(qw)
+    xf = x.float()
+    s = (xf if x_lora is None else x_lora.float()) @ lora_A.float().t()
+    y = xf @ w.t() + scaling * (s @ lora_B.float().t())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype), s
+
+
+def backward(dy, x, S, qw: QuantizedWeight, lora_A, lora_B, scaling: float, x_lora=None, need_dx: bool = True):
+    dyf = dy.float()
+    ds = scaling * (dyf @ lora_B.float())  # [M, r]
+    d_b = scaling * (dyf.t() @ S.float())  # [N, r]
+    d_a = ds.t() @ (x if x_lora is None else x_lora).float()  # [r, K]
+    dx = dx_lora = None
+    if need_dx:
+        dxf = dyf @ dequantize(qw)
+        if x_lora is None:
+            dxf = dxf + ds @ lora_A.float()
+        else:
+            dx_lora = (ds @ lora_A.float()).to(x_lora.dtype)
+        dx = dxf.to(x.dtype)
+    return dx, dx_lora, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype)
+
+
+def gram_add(H: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    xf = x.to(H.dtype)
+    H.addmm_(xf.t(), xf)
+    return H

