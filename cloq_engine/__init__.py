@@ -3,7 +3,9 @@ from .backends import active_backend, available_backends, set_backend
 from .config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
 from .formats import QuantizedWeight, pack_codes, unpack_codes
 from .gram import GramAccumulator
+from .hf import prepare_model
 from .init import init_lora
+from .nn import QuantLoRALinear
 from .quant import quantize_weight
 
 __version__ = "0.1.0"
@@ -12,5 +14,6 @@ __all__ = [
     "QuantConfig", "LoRAConfig", "QuantMethod", "InitMethod",
     "QuantizedWeight", "pack_codes", "unpack_codes", "quantize_weight",
     "GramAccumulator", "init_lora",
+    "QuantLoRALinear", "prepare_model",
     "set_backend", "active_backend", "available_backends",
 ]

@@ -12,7 +12,8 @@ Every backend module (``torch_ref``, ``triton``, ``cpp``) exposes the same funct
   ``dx_lora = dS @ A`` is returned apart. dx has x's dtype, dA/dB the parameters' dtypes.
 * ``gram_add(H, x)``: ``H += x^T x`` in H's dtype (float32 or float64), x 2-D.
 
-Accumulation is float32 throughout (inputs are upcast before any arithmetic).
+Accumulation is float32 (float64 when x is float64, for gradcheck); inputs are upcast before any
+arithmetic.
 """
 from __future__ import annotations
 
@@ -37,28 +38,34 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     return w_t.t().contiguous()
 
 
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def forward(x, qw: QuantizedWeight, lora_A, lora_B, scaling: float, bias=None, x_lora=None):
-    w = dequantize(qw)
-    xf = x.float()
-    s = (xf if x_lora is None else x_lora.float()) @ lora_A.float().t()
-    y = xf @ w.t() + scaling * (s @ lora_B.float().t())
+    acc = _acc_dtype(x)
+    w = dequantize(qw).to(acc)
+    xf = x.to(acc)
+    s = (xf if x_lora is None else x_lora.to(acc)) @ lora_A.to(acc).t()
+    y = xf @ w.t() + scaling * (s @ lora_B.to(acc).t())
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(acc)
     return y.to(x.dtype), s
 
 
 def backward(dy, x, S, qw: QuantizedWeight, lora_A, lora_B, scaling: float, x_lora=None, need_dx: bool = True):
-    dyf = dy.float()
-    ds = scaling * (dyf @ lora_B.float())  # [M, r]
-    d_b = scaling * (dyf.t() @ S.float())  # [N, r]
-    d_a = ds.t() @ (x if x_lora is None else x_lora).float()  # [r, K]
+    acc = _acc_dtype(x)
+    dyf = dy.to(acc)
+    ds = scaling * (dyf @ lora_B.to(acc))  # [M, r]
+    d_b = scaling * (dyf.t() @ S.to(acc))  # [N, r]
+    d_a = ds.t() @ (x if x_lora is None else x_lora).to(acc)  # [r, K]
     dx = dx_lora = None
     if need_dx:
-        dxf = dyf @ dequantize(qw)
+        dxf = dyf @ dequantize(qw).to(acc)
         if x_lora is None:
-            dxf = dxf + ds @ lora_A.float()
+            dxf = dxf + ds @ lora_A.to(acc)
         else:
-            dx_lora = (ds @ lora_A.float()).to(x_lora.dtype)
+            dx_lora = (ds @ lora_A.to(acc)).to(x_lora.dtype)
         dx = dxf.to(x.dtype)
     return dx, dx_lora, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype)
 

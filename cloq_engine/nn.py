@@ -1,0 +1,181 @@
+"""``QuantLoRALinear``: a packed quantized base weight plus a trainable LoRA branch.
+
+The forward and backward run through :class:`QuantLoRAFunction`, which saves only ``x`` and the
+small ``S = x·A^T`` and calls the active backend (torch reference, Triton, C++): no dequantized
+weight is ever kept between forward and backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends
+from .config import LoRAConfig, QuantConfig
+from .formats import QuantizedWeight, packed_rows
+
+QUANT_BUFFERS = ("qweight", "scales", "zeros")
+
+
+class QuantLoRAFunction(torch.autograd.Function):
+    """y = x·Ŵ^T + scaling·x_lora·A^T·B^T + bias, with x_lora = dropout(x) (None: x itself)."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_A, lora_B, bias, qw: QuantizedWeight, scaling: float):
+        backend = backends.get_backend(x.device)
+        y, S = backend.forward(x, qw, lora_A, lora_B, scaling, bias=bias, x_lora=x_lora)
+        ctx.save_for_backward(x, x_lora, S, lora_A, lora_B)
+        ctx.qw, ctx.scaling, ctx.has_bias = qw, scaling, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, x_lora, S, lora_A, lora_B = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        backend = backends.get_backend(dy.device)
+        dx, dx_lora, dA, dB = backend.backward(
+            dy.contiguous(), x, S, ctx.qw, lora_A, lora_B, ctx.scaling, x_lora=x_lora, need_dx=need_dx
+        )
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(dy.dtype) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return (
+            dx if ctx.needs_input_grad[0] else None,
+            dx_lora if ctx.needs_input_grad[1] else None,
+            dA if ctx.needs_input_grad[2] else None,
+            dB if ctx.needs_input_grad[3] else None,
+            dbias,
+            None,
+            None,
+        )
+
+
+class QuantLoRALinear(nn.Module):
+    """A linear layer with a packed 2/3/4-bit (or NF4) base weight and a LoRA adapter.
+
+    Buffers ``qweight``, ``scales``, ``zeros`` (see :class:`QuantizedWeight`) are never
+    Parameters, so trainers do not upcast or train them, and they keep their dtypes under
+    ``model.half()`` / ``model.to(torch.bfloat16)`` (only device moves apply). ``lora_A``
+    (rank, in) and ``lora_B`` (out, rank) are the only trainable Parameters; ``bias`` is frozen.
+
+    Build it with :meth:`from_linear` (quantize + calibrated init), :meth:`from_quantized`, or
+    empty (e.g. on ``meta``) from shapes and configs, then ``load_state_dict(..., assign=True)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        quant_config: QuantConfig,
+        lora_config: LoRAConfig,
+        bias: bool = False,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if quant_config.group_size != -1 and in_features % quant_config.group_size:
+            raise ValueError(f"in_features={in_features} is not divisible by group_size={quant_config.group_size}")
+        if lora_config.rank > min(in_features, out_features):
+            raise ValueError(
+                f"`rank`={lora_config.rank} exceeds min(in_features, out_features)={min(in_features, out_features)}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_config, self.lora_config = quant_config, lora_config
+        self.bits, self.group_size, self.rank = quant_config.bits, quant_config.group_size, lora_config.rank
+        self.method = quant_config.method.value
+        self.scaling = lora_config.scaling
+        groups = 1 if self.group_size == -1 else in_features // self.group_size
+        self.register_buffer("qweight", torch.empty(packed_rows(in_features, self.bits), out_features,
+                                                    dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", None if self.method == "nf4" else
+                             torch.empty(groups, out_features, dtype=torch.float16, device=device))
+        self.lora_A = nn.Parameter(torch.empty(self.rank, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.rank, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.lora_dropout = nn.Dropout(lora_config.dropout) if lora_config.dropout > 0 else nn.Identity()
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, lora_A, lora_B, lora_config: LoRAConfig,
+                       quant_config: Optional[QuantConfig] = None, bias: Optional[torch.Tensor] = None,
+                       dtype: Optional[torch.dtype] = None) -> "QuantLoRALinear":
+        if quant_config is None:
+            quant_config = QuantConfig(bits=qw.bits, group_size=qw.group_size, method=qw.method)
+        dtype = dtype or lora_A.dtype
+        layer = cls(qw.in_features, qw.out_features, quant_config, lora_config, bias=bias is not None,
+                    device="meta", dtype=dtype)
+        state = {"qweight": qw.qweight, "scales": qw.scales, "lora_A": lora_A.detach().to(dtype),
+                 "lora_B": lora_B.detach().to(dtype)}
+        if qw.zeros is not None:
+            state["zeros"] = qw.zeros
+        if bias is not None:
+            state["bias"] = bias.detach().to(dtype)
+        layer.load_state_dict(state, assign=True)
+        if layer.bias is not None:  # assign=True keeps the loaded tensor's requires_grad
+            layer.bias.requires_grad_(False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig,
+                    H: Optional[torch.Tensor] = None) -> "QuantLoRALinear":
+        """Quantize ``linear`` (nn.Linear or transformers' Conv1D) and initialise its LoRA factors."""
+        from .hf.prepare import build_layer
+
+        return build_layer("", linear, quant_config, lora_config, H)
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                               self.in_features, self.out_features, self.method)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling·B·A in float32, (out, in)."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def merged_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        w = self.quantized_weight.dequantize() + self.delta_weight()
+        return w if dtype is None else w.to(dtype)
+
+    # -- compute -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has last dimension {x.shape[-1]}; expected in_features={self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        x_lora = None
+        if isinstance(self.lora_dropout, nn.Dropout) and self.training:
+            x_lora = self.lora_dropout(x2)
+        A, B = self.lora_A, self.lora_B
+        y = QuantLoRAFunction.apply(x2, x_lora, A, B, self.bias, self.quantized_weight, self.scaling)
+        return y.reshape(*lead, self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        # Packed buffers follow device moves only, never dtype casts (model.half(), .to(bf16)).
+        packed = {n: self._buffers.pop(n) for n in QUANT_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, t in packed.items():
+            moved = fn(t)
+            self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, method={self.method}, rank={self.rank}, "
+                f"scaling={self.scaling:g}, bias={self.bias is not None}")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (weight stored (in, out))."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of an nn.Linear or Conv1D in nn.Linear's (out, in) orientation."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    if is_conv1d(module):
+        return module.weight.detach().t()
+    raise TypeError(f"expected nn.Linear or Conv1D; got {type(module).__name__}")
