@@ -109,6 +109,7 @@ def prepare_model(model: nn.Module, quant_config: QuantConfig, lora_config: LoRA
     if not isinstance(lora_config, LoRAConfig):
         raise TypeError(f"`lora_config` must be a LoRAConfig; got {type(lora_config).__name__}")
     targets = find_targets(model, lora_config)
+    _check_layers(model, targets, quant_config, lora_config)
     device = next(model.parameters()).device
     report = PrepareReport()
     t_start = time.perf_counter()
@@ -140,6 +141,16 @@ def prepare_model(model: nn.Module, quant_config: QuantConfig, lora_config: LoRA
     model.cloq_report = report
     model.cloq_config = {"quant": quant_config.to_dict(), "lora": lora_config.to_dict(), "targets": targets}
     return model
+
+
+def _check_layers(model: nn.Module, targets: List[str], quant_config: QuantConfig, lora_config: LoRAConfig) -> None:
+    """Fail before any work if a target layer cannot take this configuration."""
+    for name in targets:
+        out_f, in_f = linear_weight(model.get_submodule(name)).shape
+        if quant_config.group_size != -1 and in_f % quant_config.group_size:
+            raise ValueError(f"layer {name!r}: in_features={in_f} is not divisible by group_size={quant_config.group_size}")
+        if lora_config.rank > min(in_f, out_f):
+            raise ValueError(f"layer {name!r}: rank={lora_config.rank} exceeds min(in_features, out_features)={min(in_f, out_f)}")
 
 
 def mark_trainable(model: nn.Module) -> None:

@@ -1,0 +1,144 @@
+"""The ``cloq`` command line: prepare | eval | compare | finetune | bench.
+
+With no ``--model`` the embedded real MiniLM is used; with no ``--calib``/``--data`` the embedded
+text (calibration half / held-out half of CPython's pydoc topics).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import List, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+logger = logging.getLogger("cloq")
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+# -- argument types: a bad value exits 2 with a message naming the argument ----------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _group_size(text: str) -> int:
+    if text not in ("32", "64", "128", "-1"):
+        raise argparse.ArgumentTypeError(f"must be one of 32, 64, 128, -1; got {text!r}")
+    return int(text)
+
+
+def _existing_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def _add_quant_args(p: argparse.ArgumentParser, bits_multi: bool = False) -> None:
+    p.add_argument("--model", type=_existing_dir, default=None,
+                   help="local Hugging Face model directory (default: the embedded MiniLM)")
+    if bits_multi:
+        p.add_argument("--bits", type=int, nargs="+", choices=(2, 3, 4), default=[2, 3, 4])
+    else:
+        p.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
+    p.add_argument("--group-size", type=_group_size, default=64, help="32, 64, 128 or -1 (default 64)")
+    p.add_argument("--quantizer", choices=("gptq", "rtn", "nf4"), default="gptq")
+    p.add_argument("--rank", type=_positive_int, default=16)
+    p.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--calib", type=_existing_file, default=None,
+                   help="UTF-8 text file for calibration (default: the embedded calibration text)")
+    p.add_argument("--samples", type=_positive_int, default=64, help="calibration blocks (default 64)")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per calibration block")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cloq", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="quantize a model and initialise its LoRA factors")
+    _add_quant_args(p)
+    p.add_argument("--init", choices=("cloq", "quailora", "loftq", "zero"), default="cloq")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (atomically)")
+    p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+
+    p = sub.add_parser("eval", help="evaluate a prepared checkpoint against its full-precision model")
+    p.add_argument("checkpoint", type=_existing_dir)
+    p.add_argument("--data", type=_existing_file, default=None, help="held-out UTF-8 text (default: embedded)")
+    p.add_argument("--base", type=_existing_dir, default=None, help="full-precision model (default: recorded one)")
+    p.add_argument("--samples", type=_positive_int, default=256, help="held-out paragraphs or blocks")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("compare", help="every init method at every bit width: table, JSON and PNG plot")
+    _add_quant_args(p, bits_multi=True)
+    p.add_argument("--inits", nargs="+", choices=("zero", "loftq", "quailora", "cloq"),
+                   default=["zero", "loftq", "quailora", "cloq"])
+    p.add_argument("--eval-samples", type=_positive_int, default=256)
+    p.add_argument("--out", default="results/compare", help="directory for compare.json and compare.png")
+
+    p = sub.add_parser("finetune", help="fine-tune the LoRA factors of a checkpoint with the HF Trainer")
+    p.add_argument("checkpoint", type=_existing_dir)
+    p.add_argument("--data", type=_existing_file, default=None, help="UTF-8 training text (default: embedded calibration text)")
+    p.add_argument("--steps", type=_positive_int, default=50)
+    p.add_argument("--lr", type=_positive_float, default=2e-4)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--seq-len", type=_positive_int, default=128)
+    p.add_argument("--out", default=None, help="where to save (default: <checkpoint>-ft)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
+    p.add_argument("which", choices=("kernels", "init", "quantize"))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from . import commands
+
+    handler = getattr(commands, f"cmd_{args.command}")
+    try:
+        return handler(args) or 0
+    except (CLIError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+        if args.verbose:
+            raise
+        print(f"cloq {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"cloq {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""What each ``cloq`` sub-command does (argument parsing lives in cli.py)."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from . import data
+from .cli import CLIError
+from .config import LoRAConfig, QuantConfig
+
+logger = logging.getLogger("cloq")
+
+
+# -- shared helpers ---------------------------------------------------------------------------------
+def _configs(args, init: str):
+    qc = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quantizer)
+    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init)
+    return qc, lc
+
+
+def _calibration(args, tokenizer) -> List[torch.Tensor]:
+    paras = data.read_text_file(args.calib) if args.calib else data.calibration_paragraphs()
+    blocks = data.token_blocks(paras, tokenizer, args.seq_len, args.samples)
+    if not blocks:
+        raise CLIError(f"too little calibration data: the text holds fewer than --seq-len={args.seq_len} tokens")
+    if len(blocks) < args.samples:
+        print(f"note: the calibration text gives {len(blocks)} blocks of {args.seq_len} tokens "
+              f"(--samples asked for {args.samples})", file=sys.stderr)
+    return blocks
+
+
+def _heldout(path: Optional[str]) -> List[str]:
+    return data.read_text_file(path) if path else data.heldout_paragraphs()
+
+
+def _table(rows: List[List], header: List[str]) -> str:
+    cells = [[str(c) for c in header]] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class Evaluator:
+    """Scores models against the full-precision one on held-out text: perplexity for causal LMs,
+    embedding agreement (cosine, Spearman of pairwise similarities) for encoders."""
+
+    def __init__(self, base_model, tokenizer, paragraphs: List[str], samples: int):
+        from .eval import perplexity, sentence_embeddings
+
+        self.causal = data.is_causal_lm(base_model.config)
+        if self.causal:
+            seq = min(256, getattr(base_model.config, "max_position_embeddings", 256) or 256)
+            self.inputs = data.token_blocks(paragraphs, tokenizer, seq, samples)
+            if not self.inputs:
+                raise CLIError("the evaluation text is too short for one block of tokens")
+            self.base_score = {"perplexity": perplexity(base_model, self.inputs)}
+        else:
+            self.inputs = data.sentence_batches(paragraphs, tokenizer, limit=samples)
+            if not self.inputs:
+                raise CLIError("the evaluation text has no paragraphs")
+            self.reference = sentence_embeddings(base_model, self.inputs)
+            self.base_score = {"cosine": 1.0, "spearman": 1.0}
+
+    def score(self, model) -> Dict[str, float]:
+        from .eval import embedding_agreement, perplexity, sentence_embeddings
+
+        if self.causal:
+            return {"perplexity": perplexity(model, self.inputs)}
+        return embedding_agreement(sentence_embeddings(model, self.inputs), self.reference)
+
+    @property
+    def metric(self) -> str:
+        return "perplexity" if self.causal else "cosine"
+
+
+# -- prepare ----------------------------------------------------------------------------------------
+def cmd_prepare(args) -> int:
+    from .hf import prepare_model
+    from .hf.persistence import save_pretrained
+
+    t0 = time.perf_counter()
+    model_path = args.model or data.minilm_path()
+    model, tok = data.load_model(model_path)
+    qc, lc = _configs(args, args.init)
+    calib = _calibration(args, tok)
+    t_load = time.perf_counter() - t0
+    prepare_model(model, qc, lc, calib=calib, progress=not args.no_progress)
+    model.cloq_config["base_model"] = os.path.abspath(model_path)
+    t1 = time.perf_counter()
+    save_pretrained(model, args.out, tokenizer=tok)
+    t_save = time.perf_counter() - t1
+    rep = model.cloq_report
+    rows = [[r.name, "x".join(map(str, r.shape)), r.err_quant, r.err_init, f"{r.bits_per_weight:.2f}"] for r in rep.layers]
+    print(_table(rows, ["layer", "shape", "err quantized", f"err +{lc.init.value}", "bits/w"]))
+    n = len(rep.layers)
+    mean_q = sum(r.err_quant for r in rep.layers) / n
+    mean_i = sum(r.err_init for r in rep.layers) / n
+    print(f"\n{n} layers, {qc.bits}-bit {qc.method.value} g{qc.group_size}, init={lc.init.value} rank={lc.rank}: "
+          f"mean calibrated error {mean_q:.4f} -> {mean_i:.4f} ({100 * (1 - mean_i / mean_q):.1f}% lower)")
+    print(f"time: load {t_load:.1f}s | capture+forward {rep.capture_s:.1f}s | quantize {rep.quantize_s:.1f}s | "
+          f"init {rep.init_s:.1f}s | save {t_save:.1f}s | total {time.perf_counter() - t0:.1f}s")
+    print(f"wrote {args.out}")
+    if args.json:
+        print(json.dumps({"mean_err_quant": mean_q, "mean_err_init": mean_i, "layers": [r.__dict__ for r in rep.layers]}))
+    return 0
+
+
+# -- eval -------------------------------------------------------------------------------------------
+def _load_checkpoint(path: str):
+    from transformers import AutoTokenizer
+
+    from .hf.persistence import load_pretrained
+
+    model = load_pretrained(path)
+    model.eval()
+    qcfg = getattr(model.config, "quantization_config", None) or {}
+    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tok = None
+    return model, tok, qcfg
+
+
+def _base_model(args_base: Optional[str], qcfg: dict):
+    base = args_base or qcfg.get("base_model")
+    if not base or not os.path.isdir(base):
+        raise CLIError("the full-precision model is not available: pass --base DIR")
+    return data.load_model(base)
+
+
+def cmd_eval(args) -> int:
+    model, tok, qcfg = _load_checkpoint(args.checkpoint)
+    base, base_tok = _base_model(args.base, qcfg)
+    ev = Evaluator(base, tok or base_tok, _heldout(args.data), args.samples)
+    score = ev.score(model)
+    desc = (f"{qcfg.get('quant', {}).get('bits', '?')}-bit {qcfg.get('quant', {}).get('method', '?')}, "
+            f"init={qcfg.get('lora', {}).get('init', '?')}")
+    rows = [["full precision", *[ev.base_score[k] for k in score]], [desc, *score.values()]]
+    print(_table(rows, ["model", *score.keys()]))
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "score": score, "full_precision": ev.base_score}))
+    return 0
+
+
+# -- compare ----------------------------------------------------------------------------------------
+def cmd_compare(args) -> int:
+    from .hf import prepare_model
+
+    base, tok = data.load_model(args.model)
+    calib = _calibration(args, tok)
+    ev = Evaluator(base, tok, data.heldout_paragraphs(), args.eval_samples)
+    results = []
+    for bits in args.bits:
+        for init in args.inits:
+            qc = QuantConfig(bits=bits, group_size=args.group_size, method=args.quantizer)
+            lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init)
+            t0 = time.perf_counter()
+            model = prepare_model(copy.deepcopy(base), qc, lc, calib=calib, progress=not args.no_progress)
+            rep = model.cloq_report
+            score = ev.score(model)
+            results.append({"bits": bits, "init": init, **score, "prepare_s": time.perf_counter() - t0,
+                            "mean_err_quant": sum(r.err_quant for r in rep.layers) / len(rep.layers),
+                            "mean_err_init": sum(r.err_init for r in rep.layers) / len(rep.layers)})
+            print(f"  {bits}-bit {init:9s} {ev.metric}={score[ev.metric]:.4f}", file=sys.stderr)
+    keys = [k for k in results[0] if k not in ("bits", "init")]
+    print(_table([[r["init"], r["bits"], *[r[k] for k in keys]] for r in results], ["init", "bits", *keys]))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump({"model": args.model or "embedded MiniLM", "quantizer": args.quantizer, "group_size": args.group_size,
+                   "rank": args.rank, "metric": ev.metric, "full_precision": ev.base_score, "results": results}, f, indent=2)
+    _plot(results, ev.metric, os.path.join(args.out, "compare.png"), args)
+    print(f"wrote {args.out}/compare.json and compare.png")
+    return 0
+
+
+def _plot(results, metric, path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    inits = list(dict.fromkeys(r["init"] for r in results))
+    bits = list(dict.fromkeys(r["bits"] for r in results))
+    width = 0.8 / len(inits)
+    for i, init in enumerate(inits):
+        vals = [next(r[metric] for r in results if r["bits"] == b and r["init"] == init) for b in bits]
+        ax.bar([j + i * width for j in range(len(bits))], vals, width, label=init)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], [f"{b}-bit" for b in bits])
+    ax.set_ylabel(f"{metric} vs full precision (held-out)")
+    ax.set_title(f"LoRA init at rank {args.rank}, {args.quantizer} g{args.group_size}")
+    if metric == "cosine":
+        lo = min(r[metric] for r in results)
+        ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- finetune ---------------------------------------------------------------------------------------
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    model, tok, qcfg = _load_checkpoint(args.checkpoint)
+    base, base_tok = _base_model(None, qcfg)
+    tok = tok or base_tok
+    out = args.out or args.checkpoint.rstrip("/") + "-ft"
+    ev = Evaluator(base, tok, data.heldout_paragraphs(), 128)
+    before = ev.score(model)
+    paras = data.read_text_file(args.data) if args.data else data.calibration_paragraphs()
+    losses = finetune(model, base, tok, paras, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                      seq_len=args.seq_len, causal=ev.causal)
+    after = ev.score(model)
+    from .hf.peft_interop import export_peft_adapter
+    from .hf.persistence import save_pretrained
+
+    save_pretrained(model, out, tokenizer=tok)
+    export_peft_adapter(model, os.path.join(out, "adapter"))
+    m = ev.metric
+    print(_table([["before", before[m]], ["after", after[m]], ["full precision", ev.base_score[m]]], ["model", m]))
+    gap_before = abs(ev.base_score[m] - before[m])
+    gap_after = abs(ev.base_score[m] - after[m])
+    if gap_before > 0:
+        print(f"fine-tuning recovered {100 * (1 - gap_after / gap_before):.1f}% of the gap to full precision "
+              f"({args.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+    print(f"wrote {out} (checkpoint) and {out}/adapter (PEFT adapter)")
+    if args.json:
+        print(json.dumps({"before": before, "after": after, "full_precision": ev.base_score, "losses": losses}))
+    return 0
+
+
+# -- bench ------------------------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.which}.py"
+    if not script.is_file():
+        raise CLIError(f"benchmark script not found: {script} (benchmarks ship with the source tree)")
+    argv = sys.argv
+    sys.argv = [str(script), *[a for a in args.args if a != "--"]]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = argv
+    return 0

@@ -1,0 +1,65 @@
+"""Quality measures: perplexity for causal LMs, embedding agreement for encoders."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List
+
+import torch
+from torch import nn
+
+
+def _model_inputs(batch, device) -> dict:
+    batch = batch if isinstance(batch, dict) else {"input_ids": batch}
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised last hidden states (sentence-transformers' MiniLM recipe)."""
+    device = next(model.parameters()).device
+    out: List[torch.Tensor] = []
+    for batch in batches:
+        inputs = _model_inputs(batch, device)
+        hidden = model(**inputs).last_hidden_state.float()
+        mask = inputs.get("attention_mask", torch.ones(hidden.shape[:2], device=device)).unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+    return torch.cat(out)
+
+
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(v)
+    r[v.argsort()] = torch.arange(len(v), dtype=v.dtype)
+    return r
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-30))
+
+
+def embedding_agreement(emb: torch.Tensor, ref: torch.Tensor) -> Dict[str, float]:
+    """Mean cosine similarity of paired embeddings, and the Spearman correlation of the two
+    models' pairwise-similarity matrices (upper triangles)."""
+    cos = float((emb * ref).sum(-1).mean())
+    iu = torch.triu_indices(len(emb), len(emb), offset=1)
+    sim, sim_ref = (emb @ emb.t())[iu[0], iu[1]], (ref @ ref.t())[iu[0], iu[1]]
+    return {"cosine": cos, "spearman": spearman(sim, sim_ref)}
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: Iterable[torch.Tensor]) -> float:
+    """exp(mean next-token negative log-likelihood) over token blocks (1, L)."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for ids in blocks:
+        ids = ids.to(device)
+        logits = model(input_ids=ids).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1), reduction="sum")
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    if count == 0:
+        raise ValueError("no evaluation tokens: the evaluation text is too short")
+    return math.exp(nll / count)
