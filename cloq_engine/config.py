@@ -25,6 +25,26 @@ SUPPORTED_BITS = (2, 3, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_bool(config, field: str) -> None:
+    if not isinstance(getattr(config, field), bool):
+        raise ValueError(f"`{field}` must be True or False; got {getattr(config, field)!r}")
+
+
+def _check_names(value, field: str) -> None:
+    if isinstance(value, str):
+        return
+    try:
+        names = list(value)
+    except TypeError:
+        raise ValueError(f"`{field}` must be a string or a sequence of strings; got {value!r}") from None
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"`{field}` must be a string or a sequence of strings; got {value!r}")
+
+
 def _enum_field(cls, value, field: str):
     try:
         return cls(value.value if isinstance(value, enum.Enum) else str(value).lower())
@@ -61,16 +81,18 @@ class QuantConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "method", _enum_field(QuantMethod, self.method, "method"))
-        if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
+        if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"`bits` must be one of {SUPPORTED_BITS}; got {self.bits!r}")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
+        if not _is_int(self.group_size) or self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"`group_size` must be one of {SUPPORTED_GROUP_SIZES}; got {self.group_size!r}")
         if self.method == QuantMethod.NF4 and self.bits != 4:
             raise ValueError(f"`bits` must be 4 for method='nf4'; got {self.bits!r}")
         if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and 0 <= self.damp < 1):
             raise ValueError(f"`damp` must be a finite number in [0, 1); got {self.damp!r}")
-        if not (isinstance(self.block_size, int) and self.block_size >= 1):
+        if not (_is_int(self.block_size) and self.block_size >= 1):
             raise ValueError(f"`block_size` must be a positive integer; got {self.block_size!r}")
+        for name in ("sym", "act_order", "mse_clip"):
+            _check_bool(self, name)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -109,10 +131,15 @@ class LoRAConfig:
         object.__setattr__(self, "init", _enum_field(InitMethod, self.init, "init"))
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"`rank` must be a positive integer; got {self.rank!r}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+        if isinstance(self.alpha, bool) or not (
+            isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0
+        ):
             raise ValueError(f"`alpha` must be a positive finite number; got {self.alpha!r}")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}")
+        _check_names(self.target_modules, "target_modules")
+        _check_names(self.exclude, "exclude")
+        _check_bool(self, "use_rslora")
         if not isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if isinstance(self.exclude, str):
