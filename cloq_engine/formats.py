@@ -238,6 +238,8 @@ class QuantizedWeight:
         try:
             meta = [int(v) for v in sd[prefix + "meta"].tolist()]
             bits, group_size, out_features, in_features, method_id = meta
+            if method_id not in _METHOD_NAMES:
+                raise ValueError(f"unknown `method` id {method_id} in meta")
             return cls(
                 qweight=sd[prefix + "qweight"],
                 scales=sd[prefix + "scales"],
