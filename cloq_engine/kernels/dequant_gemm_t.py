@@ -1,0 +1,148 @@
+"""Transposed-dequant GEMM for the backward pass: dX = dY·Ŵ (+ dS·A), no dequantized W in memory.
+
+Each program owns a [BLOCK_M, BLOCK_K] tile of dX and walks N: it loads the packed weight tile of
+its K rows and the current N columns (the same K-major tile the forward reads), dequantizes it in
+registers with the one scale row of its K tile, and accumulates ``dY_tile @ tile^T`` in float32.
+With ``FUSE_LORA`` the epilogue adds ``dS·A`` (dS = scaling·dY·B, from :mod:`.lora_matmul`), so
+the input gradient of the base and LoRA branches is written once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import INTERPRET, dot_precision, load_wt_tile, r_pad, shared_limit, swizzle_tile
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+def gemm_t_configs() -> list:
+    rows = [
+        # BLOCK_M, BLOCK_K (output columns), BLOCK_N (reduction), warps, stages
+        (64, 32, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+        (128, 32, 64, 4, 3),
+        (128, 64, 64, 8, 3),
+        (128, 128, 32, 8, 3),
+        (64, 128, 64, 4, 3),
+        (128, 128, 64, 8, 2),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bk, bn, w, s in rows
+    ]
+
+
+def _tuning_configs() -> list:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    return gemm_t_configs()
+
+
+def shared_bytes_estimate(cfg: dict, num_stages: int, x_bytes: int, bits: int) -> int:
+    a = cfg["BLOCK_M"] * cfg["BLOCK_N"] * x_bytes
+    b = cfg["BLOCK_K"] * bits // 8 * cfg["BLOCK_N"]
+    return num_stages * (a + b)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    group_size, num_groups = args["group_size"], args["num_groups"]
+    dy = args["dy_ptr"]
+    limit = shared_limit(dy.device)
+    kept = [
+        c for c in configs
+        if (num_groups == 1 or c.kwargs["BLOCK_K"] <= group_size)
+        and shared_bytes_estimate(c.kwargs, c.num_stages, dy.element_size(), args["BITS"]) <= limit
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def dequant_gemm_t_kernel(
+    # ---- pointers
+    dy_ptr, q_ptr, scales_ptr, zeros_ptr, codebook_ptr, ds_ptr, a_ptr, dx_ptr,
+    # ---- sizes
+    M, N, K, KP, R, group_size, num_groups,
+    # ---- strides
+    stride_dym, stride_dyn, stride_qk, stride_qn, stride_sg, stride_sn,
+    stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    # ---- meta
+    BITS: tl.constexpr, NF4: tl.constexpr, FUSE_LORA: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # ---------------------------------------------------------------- program -> tile
+    pid = tl.program_id(0)
+    pid_m, pid_k = swizzle_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    offs_nb = tl.arange(0, BLOCK_N)
+
+    # ---------------------------------------------------------------- N loop
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + offs_nb
+        mask_n = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w_t = load_wt_tile(q_ptr, scales_ptr, zeros_ptr, codebook_ptr, k0, offs_n, mask_n, KP, group_size,
+                           num_groups, stride_qk, stride_qn, stride_sg, stride_sn, BITS, NF4, BLOCK_K, BLOCK_N)
+        acc = tl.dot(dy, tl.trans(w_t.to(dy.dtype)), acc, input_precision=DOT_PRECISION)
+
+    # ---------------------------------------------------------------- epilogue: + dS·A
+    if FUSE_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(ds, a, acc, input_precision="ieee")
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+dequant_gemm_t_tuned = triton.autotune(
+    configs=_tuning_configs(),
+    key=["M", "N", "K", "group_size", "BITS", "NF4"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)(dequant_gemm_t_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+def dequant_gemm_t(dy, qweight, scales, zeros, codebook, dS, A, bits: int, group_size: int, in_features: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """dX [M, K] = dY·Ŵ (+ dS·A when ``dS`` is given) in ``out_dtype``; ``zeros`` None means NF4."""
+    M, N = dy.shape
+    if qweight.shape[1] != N:
+        raise ValueError(f"dy has {N} columns; the weight has out_features={qweight.shape[1]}")
+    K = in_features
+    kp = qweight.shape[0] * 32 // bits
+    dx = torch.empty((M, K), dtype=out_dtype, device=dy.device)
+    nf4 = zeros is None
+    fuse = dS is not None
+    rank = dS.shape[1] if fuse else 1
+    dummy = scales
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    dequant_gemm_t_tuned[grid](
+        dy, qweight, scales, dummy if nf4 else zeros, codebook if nf4 else dummy,
+        dS if fuse else dummy, A if fuse else dummy, dx,
+        M, N, K, kp, rank, group_size, K // group_size,
+        dy.stride(0), dy.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        dS.stride(0) if fuse else 0, dS.stride(1) if fuse else 0,
+        A.stride(0) if fuse else 0, A.stride(1) if fuse else 0, dx.stride(0), dx.stride(1),
+        BITS=bits, NF4=nf4, FUSE_LORA=fuse, R_PAD=r_pad(rank),
+        DOT_PRECISION=dot_precision(dy.dtype),
+    )
+    return dx
