@@ -63,6 +63,19 @@ def _to_int32_words(acc: torch.Tensor) -> torch.Tensor:
     return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
 
 
+# Integer dtypes the C++ pack_codes accepts.
+_EXT_CODE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _extension(t: torch.Tensor):
+    """The loaded C++ extension for a CPU tensor ``t`` (fast pack/unpack), else None."""
+    if t.device.type != "cpu":
+        return None
+    from . import _ext
+
+    return _ext.load()
+
+
 def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
     """codes: int64 [Kp, N] with values < 2**width, Kp a multiple of 32 -> int32 [Kp*width/32, N]."""
     per_word = 32 // width
@@ -81,13 +94,41 @@ def _unpack_plane(words: torch.Tensor, width: int) -> torch.Tensor:
     return ((w >> shifts) & ((1 << width) - 1)).reshape(r * per_word, n)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes of shape [K, N] (K-major, values in [0, 2**bits)) into int32 words."""
+def _check_codes(codes: torch.Tensor, bits: int) -> None:
     _check_bits(bits)
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [K, N]; got shape {tuple(codes.shape)}")
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor; got {codes.dtype}")
+
+
+def _check_qweight(qweight: torch.Tensor, bits: int, in_features: int) -> None:
+    _check_bits(bits)
+    if qweight.dtype != torch.int32:
+        raise ValueError(f"qweight must be int32; got {qweight.dtype}")
+    rows = padded_k(in_features) * bits // 32
+    if qweight.dim() != 2 or qweight.shape[0] != rows:
+        raise ValueError(
+            f"qweight has shape {tuple(qweight.shape)}; {bits}-bit codes for in_features={in_features} need {rows} rows"
+        )
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes of shape [K, N] (K-major, values in [0, 2**bits)) into int32 words.
+
+    CPU tensors go through the C++ extension when it is loaded (bit-identical to
+    :func:`pack_codes_torch`, the spec).
+    """
+    _check_codes(codes, bits)
+    ext = _extension(codes)
+    if ext is not None and codes.dtype in _EXT_CODE_DTYPES:
+        return ext.pack_codes(codes, bits)  # same words, range check included
+    return pack_codes_torch(codes, bits)
+
+
+def pack_codes_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The pure-PyTorch :func:`pack_codes` (the spec the C++ fast path is tested against)."""
+    _check_codes(codes, bits)
     c = codes.to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits} bits")
@@ -101,15 +142,21 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int32 [rows, N] -> int64 codes [in_features, N]."""
-    _check_bits(bits)
-    if qweight.dtype != torch.int32:
-        raise ValueError(f"qweight must be int32; got {qweight.dtype}")
+    """Inverse of :func:`pack_codes`: int32 [rows, N] -> int64 codes [in_features, N].
+
+    CPU tensors go through the C++ extension when it is loaded (see :func:`unpack_codes_torch`).
+    """
+    _check_qweight(qweight, bits, in_features)
+    ext = _extension(qweight)
+    if ext is not None:
+        return ext.unpack_codes(qweight, bits, in_features)
+    return unpack_codes_torch(qweight, bits, in_features)
+
+
+def unpack_codes_torch(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """The pure-PyTorch :func:`unpack_codes` (the spec the C++ fast path is tested against)."""
+    _check_qweight(qweight, bits, in_features)
     kp = padded_k(in_features)
-    if qweight.shape[0] != kp * bits // 32:
-        raise ValueError(
-            f"qweight has {qweight.shape[0]} rows; {bits}-bit codes for in_features={in_features} need {kp * bits // 32}"
-        )
     if bits == 3:
         lo_rows = kp // 16
         codes = _unpack_plane(qweight[:lo_rows], 2) | (_unpack_plane(qweight[lo_rows:], 1) << 2)
