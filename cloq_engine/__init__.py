@@ -4,11 +4,16 @@ from .config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
 from .formats import QuantizedWeight, pack_codes, unpack_codes
 from .gram import GramAccumulator
 from .hf import prepare_model
+from .hf import (dequantized_base, export_peft_adapter, load_pretrained, merge_and_unload,
+                 register_peft_custom_module, register_transformers_quantizer, save_pretrained)
 from .init import init_lora
 from .nn import QuantLoRALinear
 from .quant import quantize_weight
 
 __version__ = "0.1.0"
+
+# `AutoModelForCausalLM.from_pretrained(<cloq checkpoint>)` works after `import cloq_engine`.
+register_transformers_quantizer()
 
 __all__ = [
     "QuantConfig", "LoRAConfig", "QuantMethod", "InitMethod",
@@ -17,3 +22,5 @@ __all__ = [
     "QuantLoRALinear", "prepare_model",
     "set_backend", "active_backend", "available_backends",
 ]
+__all__ += ["save_pretrained", "load_pretrained", "export_peft_adapter", "dequantized_base", "merge_and_unload",
+            "register_peft_custom_module"]

@@ -1,0 +1,121 @@
+"""Dense models from prepared ones: the dequantized base Ŵ, or Ŵ + scaling·B·A merged.
+
+Every :class:`QuantLoRALinear` becomes the layer type it replaced (``nn.Linear``, or
+transformers' ``Conv1D`` for GPT-2 style models, whose weight is stored (in, out)) with the same
+bias. The original type is read from a ``meta`` skeleton of the model built from its config.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..nn import QuantLoRALinear, is_conv1d
+from .targets import replace_modules
+
+logger = logging.getLogger(__name__)
+
+
+def quant_layers(model: nn.Module) -> Dict[str, QuantLoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
+
+
+def _conv1d_names(model: nn.Module, names) -> set:
+    """Which of ``names`` were Conv1D in the unprepared model (from a meta skeleton of its class)."""
+    config = getattr(model, "config", None)
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return set()
+    if config is None or not isinstance(model, PreTrainedModel):
+        return set()
+    with torch.device("meta"):
+        skeleton = type(model)(copy.deepcopy(config))
+    found = set()
+    for name in names:
+        try:
+            if is_conv1d(skeleton.get_submodule(name)):
+                found.add(name)
+        except AttributeError:
+            continue
+    return found
+
+
+def dense_layer(layer: QuantLoRALinear, weight: torch.Tensor, conv1d: bool) -> nn.Module:
+    """An nn.Linear (or Conv1D) holding ``weight`` (out, in) and ``layer``'s bias, frozen."""
+    out_f, in_f = weight.shape
+    bias = layer.bias
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            dense = Conv1D(out_f, in_f)
+        dense.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        dense.bias = nn.Parameter(bias.detach().clone() if bias is not None else
+                                  torch.zeros(out_f, dtype=weight.dtype, device=weight.device), requires_grad=False)
+    else:
+        with torch.device("meta"):
+            dense = nn.Linear(in_f, out_f, bias=bias is not None)
+        dense.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        if bias is not None:
+            dense.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return dense
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Drop the quantization record so the dense model saves and loads as a plain model."""
+    for attr in ("cloq_config", "hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    config = getattr(model, "config", None)
+    if config is not None:
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        if hasattr(config, "_is_quantized"):
+            config._is_quantized = False
+
+
+def _densify(model: nn.Module, merge: bool, dtype: Optional[torch.dtype]) -> nn.Module:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"`dtype` must be a floating-point torch.dtype; got {dtype!r}")
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no QuantLoRALinear layer to convert")
+    conv1d = _conv1d_names(model, list(layers))
+    new = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            target_dtype = dtype or layer.lora_A.dtype
+            w = layer.merged_weight() if merge else layer.quantized_weight.dequantize()
+            new[name] = dense_layer(layer, w.to(target_dtype), name in conv1d)
+            if new[name].bias is not None:
+                new[name].bias.data = new[name].bias.data.to(target_dtype)
+    replace_modules(model, new)
+    _forget_quantization(model)
+    return model
+
+
+def dequantized_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A copy of ``model`` whose QuantLoRALinear layers are plain layers with weight Ŵ (no LoRA).
+
+    This is the base a PEFT adapter exported by :func:`export_peft_adapter` applies to: PEFT's
+    LoRA on top of it computes what the quantized model computes. ``dtype`` defaults to each
+    layer's LoRA dtype. The input model is left unchanged.
+    """
+    return _densify(copy.deepcopy(model), merge=False, dtype=dtype)
+
+
+def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Merge each QuantLoRALinear into a dense layer with weight Ŵ + scaling·B·A, in place.
+
+    Like PEFT's ``merge_and_unload``: the model itself is modified and returned, its parameters keep
+    their (frozen) ``requires_grad``, and the cloq quantization record is removed from the model and
+    its config, so ``model.save_pretrained`` writes a plain dense checkpoint. ``dtype`` defaults to
+    each layer's LoRA dtype.
+    """
+    return _densify(model, merge=True, dtype=dtype)

@@ -1,0 +1,192 @@
+"""PEFT interoperability: export our adapters in PEFT's format, and a PEFT LoRA layer for ours.
+
+* :func:`export_peft_adapter` writes ``adapter_config.json`` + ``adapter_model.safetensors`` with
+  PEFT's key names. Load it with ``peft.PeftModel.from_pretrained(dequantized_base(model), dir)``:
+  PEFT's LoRA on the dequantized base Ŵ computes what the quantized model computes.
+* :func:`register_peft_custom_module` registers :class:`QuantLoRALinear` with PEFT's custom-module
+  mechanism (``LoraConfig._register_custom_module``), so ``peft.get_peft_model`` can target our
+  layers directly. When the adapter's rank equals the layer's, the PEFT adapter starts from the
+  layer's calibrated factors (CLoQ/QuAILoRA init through PEFT) and the layer's own LoRA branch is
+  switched off; otherwise the layer's LoRA stays in the frozen base and PEFT's adapter starts
+  with PEFT's init.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..nn import QuantLoRAFunction, QuantLoRALinear
+from .merge import _conv1d_names, quant_layers
+from .persistence import _replace_dir, _staging_dir, quantization_record
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+def _task_type(model: nn.Module) -> Optional[str]:
+    from types import SimpleNamespace
+
+    from ..data import is_causal_lm
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    view = SimpleNamespace(architectures=[type(model).__name__], is_decoder=getattr(config, "is_decoder", False))
+    return "CAUSAL_LM" if is_causal_lm(view) else "FEATURE_EXTRACTION"
+
+
+def peft_adapter_config(model: nn.Module) -> dict:
+    """The ``adapter_config.json`` contents describing ``model``'s LoRA adapters."""
+    record = quantization_record(model)
+    lora = record["lora"]
+    targets = record["targets"]
+    config = getattr(model, "config", None)
+    return {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
+        "r": lora["rank"],
+        "lora_alpha": lora["alpha"],
+        "lora_dropout": lora["dropout"],
+        "use_rslora": lora["use_rslora"],
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": bool(_conv1d_names(model, targets)),
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def export_peft_adapter(model: nn.Module, save_directory) -> str:
+    """Write ``model``'s LoRA factors as a PEFT adapter directory, atomically.
+
+    ``adapter_model.safetensors`` holds ``base_model.model.<name>.lora_A.weight`` (r, in) and
+    ``...lora_B.weight`` (out, r) per layer; its metadata records the cloq init method
+    (``cloq_init``) and quantization (``cloq_quant``). The adapter applies to
+    :func:`dequantized_base` (model) — not to the original full-precision model, whose W differs
+    from Ŵ by exactly the error the calibrated init compensates.
+    """
+    from safetensors.torch import save_file
+
+    target = os.path.abspath(os.fspath(save_directory))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"`save_directory` {target!r} exists and is not a directory")
+    record = quantization_record(model)
+    adapter_config = peft_adapter_config(model)
+    layers = quant_layers(model)
+    missing = [t for t in record["targets"] if t not in layers]
+    if missing:
+        raise ValueError(f"`cloq_config.targets` names layers that are not QuantLoRALinear: {missing[:5]}")
+    state = {}
+    for name in record["targets"]:
+        layer = layers[name]
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    metadata = {"format": "pt", "cloq_init": str(record["lora"]["init"]),
+                "cloq_quant": json.dumps(record["quant"], sort_keys=True)}
+    with _staging_dir(target) as tmp:
+        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata=metadata)
+        with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(adapter_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        _replace_dir(tmp, target)
+    logger.info("exported a PEFT adapter of %d layers to %s", len(layers), target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT custom module
+# ---------------------------------------------------------------------------------------------
+def quantized_forward(layer: QuantLoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """x·Ŵ^T + bias: the layer without its own LoRA branch (gradients still reach x)."""
+    lead = x.shape[:-1]
+    y = QuantLoRAFunction.apply(x.reshape(-1, layer.in_features), None, layer.lora_A.detach(),
+                                layer.lora_B.detach(), layer.bias, layer.quantized_weight, 0.0)
+    return y.reshape(*lead, layer.out_features)
+
+
+@functools.lru_cache(maxsize=1)
+def peft_layer_class():
+    """The PEFT LoRA layer class wrapping a QuantLoRALinear (built on first use: imports peft)."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    class PeftQuantLoRALinear(nn.Module, LoraLayer):
+        """PEFT LoRA adapters over a :class:`QuantLoRALinear` base layer (no merging: use
+        :func:`cloq_engine.merge_and_unload` on a cloq model instead)."""
+
+        def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1,
+                     **kwargs):
+            super().__init__()
+            LoraLayer.__init__(self, base_layer)
+            if config.use_dora:
+                raise ValueError("`use_dora` is not supported on QuantLoRALinear layers")
+            quant = self.get_base_layer()
+            quant.lora_A.requires_grad_(False)
+            quant.lora_B.requires_grad_(False)
+            self.absorbed_base_lora = False
+            self._active_adapter = adapter_name
+            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+        def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
+            super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+            quant = self.get_base_layer()
+            if config.init_lora_weights is True and r == quant.rank:
+                self._start_from_base_lora(adapter_name)
+
+        def _start_from_base_lora(self, adapter_name: str) -> None:
+            """Copy the layer's calibrated factors into the adapter: s'·B'·A' = s·B·A."""
+            quant = self.get_base_layer()
+            lora_A, lora_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            with torch.no_grad():
+                lora_A.copy_(quant.lora_A.to(lora_A.dtype))
+                lora_B.copy_((quant.lora_B.float() * (quant.scaling / self.scaling[adapter_name])).to(lora_B.dtype))
+            self.absorbed_base_lora = True
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            quant = self.get_base_layer()
+            result = quantized_forward(quant, x) if self.absorbed_base_lora else quant(x)
+            if self.disable_adapters:
+                return result
+            for active_adapter in self.active_adapters:
+                if active_adapter not in self.lora_A.keys():
+                    continue
+                lora_A, lora_B = self.lora_A[active_adapter], self.lora_B[active_adapter]
+                dropout, scaling = self.lora_dropout[active_adapter], self.scaling[active_adapter]
+                xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+                result = result + (lora_B(lora_A(dropout(xa))) * scaling).to(result.dtype)
+            return result
+
+        def merge(self, *args, **kwargs):
+            raise NotImplementedError("PEFT merging of QuantLoRALinear is not supported: "
+                                      "use cloq_engine.merge_and_unload on the cloq model")
+
+        def __repr__(self) -> str:
+            return "lora." + super().__repr__()
+
+    return PeftQuantLoRALinear
+
+
+def register_peft_custom_module(lora_config):
+    """Register QuantLoRALinear with ``lora_config`` (a ``peft.LoraConfig``) so that
+    ``peft.get_peft_model`` wraps our layers in :class:`PeftQuantLoRALinear`. Returns the config."""
+    try:
+        from peft import LoraConfig
+    except ImportError as e:
+        raise ImportError("register_peft_custom_module needs the `peft` package") from e
+    if not isinstance(lora_config, LoraConfig):
+        raise ValueError(f"`lora_config` must be a peft.LoraConfig; got {type(lora_config).__name__}")
+    lora_config._register_custom_module({QuantLoRALinear: peft_layer_class()})
+    return lora_config

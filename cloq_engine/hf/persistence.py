@@ -1,0 +1,368 @@
+"""Save and load prepared models: one ``model.safetensors`` + ``config.json`` (+ tokenizer files).
+
+The checkpoint holds the model's full state dict with the packed buffers (``qweight``, ``scales``,
+``zeros``) and LoRA factors of every :class:`QuantLoRALinear`, and every other weight as is.
+``config.json`` is the Hugging Face config with ``quantization_config = {"quant_method": "cloq",
+"quant": ..., "lora": ..., "targets": [...]}``.
+
+Loading is two-phase (gpt-fast): the model is built from its config with parameters on ``meta``
+(buffers such as rotary ``inv_freq`` are computed for real), the recorded targets are swapped for
+empty :class:`QuantLoRALinear` modules on ``meta``, then the checkpoint is loaded with
+``assign=True``. Tensors that share storage (tied embeddings) are written once; the dropped names
+are recorded in the safetensors metadata and re-tied on load.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import LoRAConfig, QuantConfig
+from ..nn import QUANT_BUFFERS, QuantLoRALinear, linear_weight
+from .prepare import mark_trainable
+from .targets import replace_modules
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "cloq"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ALIASES_KEY = "cloq_aliases"  # safetensors metadata: {dropped name: kept name} for tied tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantization record
+# ---------------------------------------------------------------------------------------------
+def quantization_record(model: nn.Module) -> dict:
+    """``{"quant_method": "cloq", "quant", "lora", "targets"}`` for a prepared model."""
+    record = getattr(model, "cloq_config", None)
+    if not isinstance(record, dict) or not {"quant", "lora", "targets"} <= set(record):
+        raise ValueError(
+            f"{type(model).__name__} has no `cloq_config`: prepare it with cloq_engine.prepare_model first"
+        )
+    return {"quant_method": QUANT_METHOD, "quant": dict(record["quant"]), "lora": dict(record["lora"]),
+            "targets": list(record["targets"])}
+
+
+def parse_record(record, source: str) -> Tuple[QuantConfig, LoRAConfig, List[str]]:
+    """Validate a ``quantization_config`` dict read from ``source``; returns (QuantConfig, LoRAConfig, targets)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: `quantization_config` is missing or not an object")
+    if record.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{source}: `quantization_config.quant_method` must be {QUANT_METHOD!r}; "
+                         f"got {record.get('quant_method')!r}")
+    for key in ("quant", "lora", "targets"):
+        if key not in record:
+            raise ValueError(f"{source}: `quantization_config.{key}` is missing")
+    targets = record["targets"]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{source}: `quantization_config.targets` must be a non-empty list of module names")
+    try:
+        qc, lc = QuantConfig.from_dict(record["quant"]), LoRAConfig.from_dict(record["lora"])
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"{source}: malformed `quantization_config`: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{source}: invalid `quantization_config`: {e}") from None
+    return qc, lc, list(targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+def _storage_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def deduplicated_state_dict(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The state dict with each tensor stored once: exact aliases (tied weights) are dropped and
+    returned as ``{dropped: kept}``; other tensors sharing storage are cloned."""
+    state, aliases = {}, {}
+    seen: Dict[tuple, List[str]] = {}
+    for name, t in model.state_dict().items():
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {name!r} is on the meta device: the model is not fully loaded")
+        key = _storage_key(t)
+        exact = next((k for k in seen.get(key, []) if _same_view(state[k], t)), None)
+        if exact is not None:
+            aliases[name] = exact
+            continue
+        if key in seen:
+            t = t.clone()
+        seen.setdefault(_storage_key(t), []).append(name)
+        state[name] = t.contiguous()
+    return state, aliases
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
+            and a.dtype == b.dtype)
+
+
+def _hf_config_dict(model: nn.Module, record: dict) -> dict:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise ValueError(f"{type(model).__name__} has no Hugging Face `config`: save_pretrained needs a transformers model")
+    config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]  # as transformers' save_pretrained records it
+    config.quantization_config = record
+    d = config.to_dict()
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        d["dtype"] = str(dtype).rpartition(".")[2]
+    d["quantization_config"] = record
+    return d
+
+
+@contextlib.contextmanager
+def _staging_dir(target: str):
+    """A fresh directory next to ``target``; removed unless it was moved into place."""
+    parent = os.path.dirname(os.path.abspath(target)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(target))}.tmp-", dir=parent)
+    try:
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is removed only once ``src`` is in place."""
+    if not os.path.exists(dst):
+        os.replace(src, dst)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst) or ".")
+    os.rmdir(old)
+    os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained(model: nn.Module, save_directory, tokenizer=None) -> str:
+    """Write a prepared model to ``save_directory``, atomically.
+
+    Files: ``model.safetensors`` (the full state dict: packed base buffers, LoRA factors, all other
+    weights), ``config.json`` (the model's config with the cloq ``quantization_config``), the
+    generation config when the model has one, and the tokenizer's files when ``tokenizer`` is given.
+    Everything is written into a temporary directory next to ``save_directory`` and renamed into
+    place; an existing directory is replaced only after the new checkpoint is complete.
+
+    Returns the absolute path of the checkpoint directory.
+    """
+    from safetensors.torch import save_file
+
+    target = os.path.abspath(os.fspath(save_directory))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"`save_directory` {target!r} exists and is not a directory")
+    record = quantization_record(model)
+    config_dict = _hf_config_dict(model, record)
+    state, aliases = deduplicated_state_dict(model)
+    metadata = {"format": "pt", ALIASES_KEY: json.dumps(aliases, sort_keys=True)}
+    with _staging_dir(target) as tmp:
+        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config_dict, f, indent=2, sort_keys=True)
+            f.write("\n")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "save_pretrained"):
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, target)
+    logger.info("saved %d tensors (%d tied) to %s", len(state), len(aliases), target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def read_config(path: str) -> dict:
+    """``config.json`` of checkpoint directory ``path`` as a dict, with errors naming the file."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: missing (not a cloq checkpoint?)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object")
+    return d
+
+
+def read_safetensors(file: str, device="cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(tensors, aliases) of a checkpoint file, with errors naming the file and the problem."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: missing")
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    try:
+        aliases = json.loads(meta.get(ALIASES_KEY, "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: corrupt `{ALIASES_KEY}` metadata ({e})") from None
+    if not isinstance(aliases, dict):
+        raise ValueError(f"{file}: `{ALIASES_KEY}` metadata must map names to names")
+    return tensors, aliases
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules with every Parameter on ``meta`` and buffers computed for real (on CPU)."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(self, name, param):
+        original(self, name, param)
+        if param is not None and param.device.type != "meta":
+            p = self._parameters[name]
+            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def empty_quant_layer(name: str, module: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig,
+                      dtype: Optional[torch.dtype]) -> QuantLoRALinear:
+    """An empty QuantLoRALinear on ``meta`` shaped like ``module`` (nn.Linear or Conv1D)."""
+    try:
+        out_f, in_f = linear_weight(module).shape
+    except TypeError:
+        raise ValueError(f"target {name!r} is a {type(module).__name__}, not a linear layer") from None
+    dtype = dtype or module.weight.dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    try:
+        return QuantLoRALinear(in_f, out_f, quant_config, lora_config, bias=module.bias is not None,
+                               device="meta", dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"target {name!r}: {e}") from None
+
+
+def swap_in_empty_layers(model: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig, targets: List[str],
+                         dtype: Optional[torch.dtype] = None) -> None:
+    """Replace each target of a skeleton model by an empty QuantLoRALinear on ``meta``."""
+    layers = {}
+    for name in targets:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"target {name!r} does not exist in {type(model).__name__}") from None
+        layers[name] = empty_quant_layer(name, module, quant_config, lora_config, dtype)
+    replace_modules(model, layers)
+
+
+def model_class_for(config):
+    """AutoModelForCausalLM for causal LMs, else AutoModel."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from ..data import is_causal_lm
+
+    return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+
+
+def _check_state(model: nn.Module, state: Dict[str, torch.Tensor], aliases: Dict[str, str], file: str,
+                 packed: set) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and k not in aliases]
+    unexpected = [k for k in state if k not in expected]
+    bad_alias = [k for k, v in aliases.items() if k not in expected or v not in state]
+    if missing:
+        raise ValueError(f"{file}: missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+    if unexpected:
+        raise ValueError(f"{file}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}")
+    if bad_alias:
+        raise ValueError(f"{file}: tied-tensor metadata names unknown tensors {bad_alias[:5]}")
+    for k, t in state.items():
+        ref = expected[k]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"{file}: tensor {k!r} has shape {tuple(t.shape)}; the model needs {tuple(ref.shape)}")
+        if k in packed and t.dtype != ref.dtype:
+            raise ValueError(f"{file}: packed tensor {k!r} has dtype {t.dtype}; expected {ref.dtype}")
+        if t.dtype.is_floating_point != ref.dtype.is_floating_point:
+            raise ValueError(f"{file}: tensor {k!r} has dtype {t.dtype}; expected a {ref.dtype}-like dtype")
+
+
+def _tie(model: nn.Module, aliases: Dict[str, str]) -> None:
+    for dropped, kept in aliases.items():
+        mod_name, _, attr = dropped.rpartition(".")
+        module = model.get_submodule(mod_name) if mod_name else model
+        src_mod, _, src_attr = kept.rpartition(".")
+        source = getattr(model.get_submodule(src_mod) if src_mod else model, src_attr)
+        if attr in module._parameters:
+            module._parameters[attr] = source
+        else:
+            module._buffers[attr] = source
+
+
+def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> nn.Module:
+    """Load a checkpoint written by :func:`save_pretrained`.
+
+    Args:
+        path: the checkpoint directory.
+        dtype: cast the floating-point weights and LoRA factors to this dtype (packed ``scales`` /
+            ``zeros`` stay float16); default: as saved.
+        device: where the tensors go (default CPU).
+
+    Returns the model in eval mode with only the LoRA factors trainable, ``cloq_config`` set.
+    Raises FileNotFoundError / ValueError naming the file and the problem for missing or corrupt
+    files, missing or unexpected tensors and shape mismatches.
+    """
+    from transformers import AutoConfig
+
+    path = os.path.abspath(os.fspath(path))
+    raw = read_config(path)
+    cfg_file = os.path.join(path, CONFIG_NAME)
+    qc, lc, targets = parse_record(raw.get("quantization_config"), cfg_file)
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights}: missing")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"`dtype` must be a floating-point torch.dtype; got {dtype!r}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{cfg_file}: not a usable transformers config ({e})") from None
+    state, aliases = read_safetensors(weights, device=device or "cpu")
+
+    auto = model_class_for(config)
+    with parameters_on_meta():
+        model = auto.from_config(config, dtype=dtype) if dtype is not None else auto.from_config(config)
+    swap_in_empty_layers(model, qc, lc, targets, dtype)
+    packed = {f"{t}.{b}" for t in targets for b in QUANT_BUFFERS}
+    _check_state(model, state, aliases, weights, packed)
+    if dtype is not None:
+        state = {k: (t.to(dtype) if t.dtype.is_floating_point and k not in packed else t) for k, t in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    _tie(model, aliases)
+    if device is not None:
+        model.to(device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if leftover:
+        raise ValueError(f"{weights}: tensors left unloaded: {leftover[:5]}")
+    mark_trainable(model)
+    model.cloq_config = {"quant": qc.to_dict(), "lora": lc.to_dict(), "targets": targets}
+    model.eval()
+    return model

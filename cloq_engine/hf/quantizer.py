@@ -1,0 +1,151 @@
+"""A transformers quantizer for cloq checkpoints: ``AutoModelForCausalLM.from_pretrained(dir)``.
+
+After ``import cloq_engine`` a checkpoint written by :func:`cloq_engine.save_pretrained` loads
+through transformers' own ``from_pretrained``: the config's ``quantization_config``
+(``quant_method="cloq"``) selects :class:`CloqHfQuantizer`, which swaps the recorded target
+layers of the skeleton (built on ``meta`` by transformers) for empty :class:`QuantLoRALinear`
+modules before the weights are loaded, then freezes everything but the LoRA factors.
+
+Only pre-quantized checkpoints load this way: quantizing needs calibration data, which
+``from_pretrained`` has no place for (use :func:`cloq_engine.prepare_model`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from .persistence import (QUANT_METHOD, WEIGHTS_NAME, _tie, parse_record, quantization_record,
+                          swap_in_empty_layers)
+from .prepare import mark_trainable
+
+logger = logging.getLogger(__name__)
+
+_REGISTERED = False
+
+
+def _classes():
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class CloqQuantizationConfig(QuantizationConfigMixin):
+        """transformers' view of a cloq ``quantization_config``.
+
+        Args:
+            quant: QuantConfig.to_dict() of the base weights.
+            lora: LoRAConfig.to_dict() of the adapters.
+            targets: fully qualified names of the QuantLoRALinear modules.
+        """
+
+        def __init__(self, quant: Optional[dict] = None, lora: Optional[dict] = None, targets=None, **kwargs):
+            self.quant_method = QUANT_METHOD
+            self.quant, self.lora, self.targets = quant, lora, targets
+            self.quant_config, self.lora_config, self.targets = parse_record(
+                {"quant_method": QUANT_METHOD, "quant": quant, "lora": lora, "targets": targets},
+                "quantization_config",
+            )
+
+        def to_dict(self) -> dict:
+            return {"quant_method": QUANT_METHOD, "quant": self.quant_config.to_dict(),
+                    "lora": self.lora_config.to_dict(), "targets": list(self.targets)}
+
+        def __iter__(self):
+            yield from self.to_dict().items()
+
+    class CloqHfQuantizer(HfQuantizer):
+        """Loads cloq checkpoints: empty QuantLoRALinear modules are filled by transformers' loader."""
+
+        requires_calibration = True
+
+        def __init__(self, quantization_config, **kwargs):
+            super().__init__(quantization_config, **kwargs)
+            self._aliases = {}
+
+        def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
+            qc = self.quantization_config
+            lora_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+            swap_in_empty_layers(model, qc.quant_config, qc.lora_config, qc.targets, lora_dtype)
+            _skip_weight_init(model, qc.targets)
+            self._aliases = _read_aliases(checkpoint_files)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            qc = self.quantization_config
+            _tie(model, self._aliases)
+            mark_trainable(model)
+            model.cloq_config = {"quant": qc.quant_config.to_dict(), "lora": qc.lora_config.to_dict(),
+                                 "targets": list(qc.targets)}
+            return model
+
+        def is_serializable(self, safe_serialization=None):
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return True
+
+        @property
+        def is_qat_trainable(self) -> bool:
+            # The trainable LoRA factors live inside the quantized modules: no PEFT wrapper is needed.
+            return True
+
+    return CloqQuantizationConfig, CloqHfQuantizer
+
+
+def _skip_weight_init(model, targets) -> None:
+    """Keep transformers' post-load weight init away from our layers and their parents: model
+    ``_init_weights`` functions reach into children (GPT-2 rescales ``c_proj.weight``), which
+    QuantLoRALinear does not have. A parent holding buffers of its own is left alone (they may
+    need that init)."""
+    for name in targets:
+        model.get_submodule(name)._is_hf_initialized = True
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if parent is not model and not any(b is not None for b in parent._buffers.values()):
+            parent._is_hf_initialized = True
+
+
+def _read_aliases(checkpoint_files) -> dict:
+    """The tied-tensor record of our safetensors file, when the loader tells us which file it reads."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    from .persistence import ALIASES_KEY
+
+    for file in checkpoint_files or []:
+        if os.path.basename(str(file)) != WEIGHTS_NAME:
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+        except (SafetensorError, json.JSONDecodeError, OSError):
+            logger.warning("could not read tied-tensor metadata of %s", file)
+    return {}
+
+
+def register_transformers_quantizer() -> bool:
+    """Register the ``cloq`` quantization config and quantizer with transformers (idempotent).
+
+    Returns False (and logs why) when this transformers version has no quantizer registry.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return True
+    try:
+        from transformers.quantizers import auto
+    except ImportError as e:
+        logger.warning("transformers quantizer registry unavailable (%s): use cloq_engine.load_pretrained", e)
+        return False
+    config_cls, quantizer_cls = _classes()
+    if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        auto.register_quantization_config(QUANT_METHOD)(config_cls)
+    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
+        auto.register_quantizer(QUANT_METHOD)(quantizer_cls)
+    _REGISTERED = True
+    return True
+
+
+__all__ = ["register_transformers_quantizer", "quantization_record"]
