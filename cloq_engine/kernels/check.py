@@ -90,7 +90,7 @@ def kernel_cases(bits_variants=BIT_VARIANTS, dtype: torch.dtype = torch.float16)
         meta = dict(BITS=bits, NF4=nf4, R_PAD=16, DOT_PRECISION=prec)
         fwd = dict(
             x_ptr=Ptr(dtype), s_ptr=Ptr(torch.float32), b_ptr=Ptr(dtype), bias_ptr=Ptr(dtype),
-            M=2048, N=N, K=K, R=R, stride_xm=K, stride_xk=1, stride_lm=R, stride_lr=1, stride_bn=R, stride_br=1,
+            M=2048, N=N, K=K, R=R, m_bucket=2048, stride_xm=K, stride_xk=1, stride_lm=R, stride_lr=1, stride_bn=R, stride_br=1,
             stride_ym=N, stride_yn=1, scaling=2.0, **q,
         )
         cases.append(KernelCase(f"dequant_gemm[{variant}]", dequant_gemm.dequant_gemm_kernel,
@@ -99,12 +99,12 @@ def kernel_cases(bits_variants=BIT_VARIANTS, dtype: torch.dtype = torch.float16)
         for block_m in (1, dequant_gemv_splitk.MAX_M):
             cases.append(KernelCase(
                 f"dequant_gemv_splitk[{variant},m{block_m}]", dequant_gemv_splitk.dequant_gemv_splitk_kernel,
-                dict(fwd, M=block_m, y_ptr=Ptr(torch.float32)),
+                dict(fwd, M=block_m, m_bucket=block_m, y_ptr=Ptr(torch.float32)),
                 dict(meta, HAS_LORA=True, HAS_BIAS=True, BLOCK_M=block_m), dequant_gemv_splitk.gemv_configs()))
         cases.append(KernelCase(
             f"dequant_gemm_t[{variant}]", dequant_gemm_t.dequant_gemm_t_kernel,
             dict(dy_ptr=Ptr(dtype), ds_ptr=Ptr(torch.float32), a_ptr=Ptr(dtype), dx_ptr=Ptr(dtype), M=2048, N=N,
-                 K=K, R=R, stride_dym=N, stride_dyn=1, stride_dsm=R, stride_dsr=1, stride_ar=K, stride_ak=1,
+                 K=K, R=R, m_bucket=2048, stride_dym=N, stride_dyn=1, stride_dsm=R, stride_dsr=1, stride_ar=K, stride_ak=1,
                  stride_dxm=K, stride_dxk=1, **q),
             dict(meta, FUSE_LORA=True), dequant_gemm_t.gemm_t_configs()))
         cases.append(KernelCase(
@@ -114,7 +114,7 @@ def kernel_cases(bits_variants=BIT_VARIANTS, dtype: torch.dtype = torch.float16)
             [_config({"BLOCK_K": dequant.BLOCK_K, "BLOCK_N": dequant.BLOCK_N}, 4, 1)]))
     cases.append(KernelCase(
         "gram_syrk", gram_syrk.gram_syrk_kernel,
-        dict(x_ptr=Ptr(dtype), h_ptr=Ptr(torch.float32), T=8192, K=K, stride_xt=K, stride_xk=1, stride_hi=K,
+        dict(x_ptr=Ptr(dtype), h_ptr=Ptr(torch.float32), T=8192, K=K, t_bucket=8192, stride_xt=K, stride_xk=1, stride_hi=K,
              stride_hj=1),
         dict(DOT_PRECISION=prec), gram_syrk.syrk_configs()))
     cases.append(KernelCase(

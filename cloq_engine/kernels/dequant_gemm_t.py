@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, dot_precision, load_wt_tile, r_pad, shared_limit, swizzle_tile
+from .utils import INTERPRET, dot_precision, load_wt_tile, m_bucket, r_pad, shared_limit, swizzle_tile
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def dequant_gemm_t_kernel(
     # ---- pointers
     dy_ptr, q_ptr, scales_ptr, zeros_ptr, codebook_ptr, ds_ptr, a_ptr, dx_ptr,
     # ---- sizes
-    M, N, K, KP, R, group_size, num_groups,
+    M, N, K, KP, R, group_size, num_groups, m_bucket,
     # ---- strides
     stride_dym, stride_dyn, stride_qk, stride_qn, stride_sg, stride_sn,
     stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
@@ -113,7 +113,7 @@ def dequant_gemm_t_kernel(
 
 dequant_gemm_t_tuned = triton.autotune(
     configs=_tuning_configs(),
-    key=["M", "N", "K", "group_size", "BITS", "NF4"],
+    key=["m_bucket", "N", "K", "group_size", "BITS", "NF4"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(dequant_gemm_t_kernel)
 
@@ -138,7 +138,7 @@ def dequant_gemm_t(dy, qweight, scales, zeros, codebook, dS, A, bits: int, group
     dequant_gemm_t_tuned[grid](
         dy, qweight, scales, dummy if nf4 else zeros, codebook if nf4 else dummy,
         dS if fuse else dummy, A if fuse else dummy, dx,
-        M, N, K, kp, rank, group_size, K // group_size,
+        M, N, K, kp, rank, group_size, K // group_size, m_bucket(M),
         dy.stride(0), dy.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         dS.stride(0) if fuse else 0, dS.stride(1) if fuse else 0,
         A.stride(0) if fuse else 0, A.stride(1) if fuse else 0, dx.stride(0), dx.stride(1),

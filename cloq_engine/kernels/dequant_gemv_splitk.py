@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, dot_precision, load_wt_tile, lora_up, r_pad
+from .utils import INTERPRET, dot_precision, load_wt_tile, lora_up, m_bucket, r_pad
 
 MAX_M = 16
 
@@ -65,7 +65,7 @@ def dequant_gemv_splitk_kernel(
     # ---- pointers
     x_ptr, q_ptr, scales_ptr, zeros_ptr, codebook_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
     # ---- sizes
-    M, N, K, KP, R, group_size, num_groups,
+    M, N, K, KP, R, group_size, num_groups, m_bucket,
     # ---- strides
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn,
     stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
@@ -111,7 +111,7 @@ def dequant_gemv_splitk_kernel(
 
 dequant_gemv_splitk_tuned = triton.autotune(
     configs=_tuning_configs(),
-    key=["M", "N", "K", "group_size", "BITS", "NF4", "BLOCK_M"],
+    key=["m_bucket", "N", "K", "group_size", "BITS", "NF4", "BLOCK_M"],
     prune_configs_by={"early_config_prune": prune_configs},
     reset_to_zero=["y_ptr"],
 )(dequant_gemv_splitk_kernel)
@@ -139,7 +139,7 @@ def dequant_gemv_splitk(x, qweight, scales, zeros, codebook, S, B, bias, scaling
     dequant_gemv_splitk_tuned[grid](
         x, qweight, scales, dummy if nf4 else zeros, codebook if nf4 else dummy,
         S if has_lora else dummy, B if has_lora else dummy, bias if bias is not None else dummy, y32,
-        M, N, K, kp, rank, group_size, K // group_size,
+        M, N, K, kp, rank, group_size, K // group_size, m_bucket(M),
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         S.stride(0) if has_lora else 0, S.stride(1) if has_lora else 0,
         B.stride(0) if has_lora else 0, B.stride(1) if has_lora else 0, y32.stride(0), y32.stride(1),

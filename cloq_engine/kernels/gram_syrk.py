@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, dot_precision
+from .utils import INTERPRET, dot_precision, m_bucket
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def gram_syrk_kernel(
     # ---- pointers
     x_ptr, h_ptr,
     # ---- sizes
-    T, K,
+    T, K, t_bucket,
     # ---- strides
     stride_xt, stride_xk, stride_hi, stride_hj,
     # ---- meta
@@ -82,7 +82,7 @@ def gram_syrk_kernel(
 
 gram_syrk_tuned = triton.autotune(
     configs=_tuning_configs(),
-    key=["T", "K"],
+    key=["t_bucket", "K"],
     restore_value=["h_ptr"],
 )(gram_syrk_kernel)
 
@@ -105,7 +105,7 @@ def gram_syrk(H: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return (nt * (nt + 1) // 2,)
 
     gram_syrk_tuned[grid](
-        x, H, T, K, x.stride(0), x.stride(1), H.stride(0), H.stride(1),
+        x, H, T, K, m_bucket(T), x.stride(0), x.stride(1), H.stride(0), H.stride(1),
         DOT_PRECISION=dot_precision(x.dtype),
     )
     return H

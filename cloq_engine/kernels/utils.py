@@ -136,6 +136,11 @@ def r_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(int(rank)))
 
 
+def m_bucket(m: int) -> int:
+    """Autotuning key for a row count: the next power of two, so varying batch sizes share a tuning."""
+    return triton.next_power_of_2(max(int(m), 1))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: exact fp32 products for fp32 activations, else tensor-core 16-bit."""
     return "ieee" if dtype == torch.float32 else "tf32"
