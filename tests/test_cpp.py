@@ -151,12 +151,15 @@ def test_dequantize_row_block_is_a_slice_of_w_transpose():
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
 
 
-# M = 1 and 7 take the fused kernel, 33 the blocked one; BLOCK_K is shrunk to cover several blocks.
+# M = 1 and 7 take the fused kernels (both directions forced here), 33 the blocked one; BLOCK_K is
+# shrunk to cover several blocks.
 @pytest.mark.parametrize("m", [1, 7, 33])
 @pytest.mark.parametrize("bits,group_size,method,k,n", WEIGHTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_backward_match_reference(bits, group_size, method, k, n, m, dtype, isa, monkeypatch):
     monkeypatch.setattr(cpp_backend, "BLOCK_K", 32)
+    monkeypatch.setattr(cpp_backend, "FUSED_MAX_M", 8)
+    monkeypatch.setattr(cpp_backend, "FUSED_MAX_M_BACKWARD", 8)
     qw = _weight(bits, group_size, method, k, n)
     A, B = _lora(k, n)
     g = torch.Generator().manual_seed(2)
@@ -179,8 +182,9 @@ def test_forward_backward_match_reference(bits, group_size, method, k, n, m, dty
     torch.testing.assert_close(got[3], ref[3], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("m", [3, 40])
-def test_backward_with_dropout_input_returns_lora_grad_apart(m):
+@pytest.mark.parametrize("m", [3, 40])  # fused (forced), blocked
+def test_backward_with_dropout_input_returns_lora_grad_apart(m, monkeypatch):
+    monkeypatch.setattr(cpp_backend, "FUSED_MAX_M_BACKWARD", 8)
     qw = _weight(4, 32, "rtn", 96, 20)
     A, B = _lora(96, 20)
     g = torch.Generator().manual_seed(3)
@@ -196,7 +200,8 @@ def test_backward_with_dropout_input_returns_lora_grad_apart(m):
 
 
 @pytest.mark.parametrize("m", [2, 20])
-def test_float64_inputs_accumulate_in_float64(m):
+def test_float64_inputs_accumulate_in_float64(m, monkeypatch):
+    monkeypatch.setattr(cpp_backend, "FUSED_MAX_M_BACKWARD", 8)
     qw = _weight(3, 32, "rtn", 64, 10)
     A, B = _lora(64, 10, dtype=torch.float64)
     x = torch.randn(m, 64, dtype=torch.float64)

@@ -3,13 +3,15 @@ extension, without ever holding a dense dequantized weight.
 
 ``x @ Ŵ^T`` and ``dy @ Ŵ`` run in one of two ways, picked by the number of rows M:
 
-* M <= ``FUSED_MAX_M`` (decode, small batches): a fused kernel dequantizes one row segment of
-  Ŵ^T at a time per thread and accumulates directly, so the packed weight is read once;
-* larger M: K is processed in blocks of ``BLOCK_K`` rows of Ŵ^T, each dequantized in C++ into a
-  [BLOCK_K, N] buffer and multiplied with ``addmm`` (``y += x[:, kblk] @ Ŵ^T[kblk]``,
-  ``dx[:, kblk] += dy @ Ŵ^T[kblk]^T``).
+* forward with M <= ``FUSED_MAX_M`` (decode, small batches): a fused kernel dequantizes a few
+  row segments of Ŵ^T at a time per thread and accumulates directly, so the packed weight is read
+  once and no buffer is written;
+* otherwise (and for every backward, where the fused dot-product kernel measured slower than
+  MKL even at M = 1; set ``FUSED_MAX_M_BACKWARD`` to use it): K is processed in blocks of
+  ``BLOCK_K`` rows of Ŵ^T, each dequantized in C++ into a [BLOCK_K, N] buffer and multiplied
+  with ``addmm`` (``y += x[:, kblk] @ Ŵ^T[kblk]``, ``dx[:, kblk] += dy @ Ŵ^T[kblk]^T``).
 
-Both constants were chosen with ``benchmarks/cpu_backend.py``. The small LoRA GEMMs run in torch.
+The constants were chosen with ``benchmarks/cpu_backend.py --tune``. The small LoRA GEMMs run in torch.
 Importing this module raises ImportError when the extension is unavailable (the dispatcher then
 leaves ``cpp`` out of ``available_backends()``).
 """
@@ -26,8 +28,9 @@ if _C is None:
     raise ImportError(f"cpp backend unavailable: {_ext.unavailable_reason()}")
 
 NAME = "cpp"
-FUSED_MAX_M = 16  # rows up to which the fused kernel beats dequantize-a-block + addmm
-BLOCK_K = 512  # rows of Ŵ^T dequantized per block on the blocked path
+FUSED_MAX_M = 8  # forward rows up to which the fused kernel beats dequantize-a-block + addmm
+FUSED_MAX_M_BACKWARD = 0  # the fused dx kernel never won in measurement: always blocked
+BLOCK_K = 256  # rows of Ŵ^T dequantized per block (a 4 MiB fp32 buffer at N = 4096)
 
 gram_add = torch_ref.gram_add
 
@@ -49,9 +52,9 @@ def _weight_args(qw: QuantizedWeight) -> tuple:
     return qw.qweight, qw.scales, qw.zeros, codebook, qw.bits, qw.effective_group_size
 
 
-def block_k_for(m: int) -> int:
+def block_k_for(m: int, backward: bool = False) -> int:
     """The ``block_k`` argument of the C++ matmuls for M rows (0 selects the fused kernel)."""
-    return 0 if m <= FUSED_MAX_M else BLOCK_K
+    return 0 if m <= (FUSED_MAX_M_BACKWARD if backward else FUSED_MAX_M) else BLOCK_K
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
@@ -90,6 +93,6 @@ def backward(dy, x, S, qw: QuantizedWeight, lora_A, lora_B, scaling: float, x_lo
         else:
             dx_lora = (ds @ lora_A.to(acc)).to(x_lora.dtype)
             dxf = torch.zeros(dy.shape[0], qw.in_features, dtype=acc)
-        _C.qmm_t_(dxf, dyf, *_weight_args(qw), block_k_for(dy.shape[0]))
+        _C.qmm_t_(dxf, dyf, *_weight_args(qw), block_k_for(dy.shape[0], backward=True))
         dx = dxf.to(x.dtype)
     return dx, dx_lora, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype)
