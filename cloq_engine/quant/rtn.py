@@ -46,8 +46,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (q - zero.view(shape)) * scale.view(shape)
 
 
-def _fit_group(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool):
-    """(scale, zero) for one group [N, g]; with ``mse_clip`` the shrink minimising squared error."""
+def fit_group(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool):
+    """(scale, zero) for one group [N, g], float32 [N] each; with ``mse_clip`` the shrink of the
+    min-max range (1.0 included) that minimises each row's squared weight error."""
     scale, zero = find_params(w, bits, sym)
     if not mse_clip:
         return scale, zero
@@ -71,7 +72,7 @@ def quantize_rtn(W: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
     scales, zeros = [], []
     for j in range(0, k, g):
         wg = W[:, j : j + g]
-        s, z = _fit_group(wg, config.bits, config.sym, config.mse_clip)
+        s, z = fit_group(wg, config.bits, config.sym, config.mse_clip)
         codes[:, j : j + g] = quantize(wg, s, z, maxq)
         scales.append(s)
         zeros.append(z)

@@ -6,6 +6,7 @@ import torch
 from ..config import QuantConfig
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FP16_MAX = 65504.0
 
 
 def check_weight(W: torch.Tensor, config: QuantConfig) -> None:
@@ -17,6 +18,8 @@ def check_weight(W: torch.Tensor, config: QuantConfig) -> None:
         raise ValueError("W is empty")
     if not torch.isfinite(W).all():
         raise ValueError("W contains NaN or Inf values")
+    if W.abs().max() > _FP16_MAX:
+        raise ValueError(f"W has values beyond the float16 range (|w| > {_FP16_MAX:g}); scales are stored as float16")
     k = W.shape[1]
     if config.group_size != -1 and k % config.group_size:
         raise ValueError(
@@ -35,3 +38,5 @@ def check_hessian(H: torch.Tensor, in_features: int) -> None:
     tol = 1e-4 * Hf.abs().max().clamp(min=1e-30)
     if (Hf - Hf.t()).abs().max() > tol:
         raise ValueError("H is not symmetric; it must be a Gram matrix X^T X")
+    if (torch.diag(Hf) < 0).any():
+        raise ValueError("H has negative diagonal entries; it must be a Gram matrix X^T X")

@@ -1,0 +1,151 @@
+"""GPTQ / OPTQ (Frantar et al. 2023): quantize W column by column, feeding each column's error back
+into the columns not yet quantized through the inverse Hessian of the layer's calibrated loss.
+
+Math names follow IST-DASLab's ``gptq.py``: ``W`` (out, in) as in ``nn.Linear``, ``H = X^T X``
+(in, in), ``Hinv`` the upper Cholesky factor of ``(H + λI)^{-1}``, ``Q`` the quantized weight, and
+per column block ``[i1, i2)`` the working copies ``W1``, ``Q1``, ``Err1``, ``Hinv1``.
+
+Groups. A group's (scale, zero) is fitted with :func:`rtn.fit_group` when its first column is
+reached, on the *current* columns (error feedback from earlier columns included, also the lazy,
+not yet applied part from the current block). With ``group_size=-1`` the single group is fitted on
+all columns at the start. With ``act_order`` columns are processed by decreasing ``diag(H)``, but
+groups are *static* (fitted on the original column order before the loop, GPTQ's
+``static_groups``), so the packed format is the same as without act-order (no ``g_idx``).
+
+Everything is computed in float32 on W's device; scales are rounded to float16 inside
+``find_params`` before codes are chosen, so ``QuantizedWeight.dequantize()`` is exactly the ``Q``
+GPTQ decided.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from ..config import QuantConfig
+from ..formats import QuantizedWeight, pack_codes
+from .rtn import dequantize, fit_group, quantize
+
+logger = logging.getLogger(__name__)
+
+_DAMP_TRIES = 5  # damp, 10·damp, ..., 10^4·damp
+_DAMP_AFTER_ZERO = 1e-6  # relative damping tried after damp=0 fails
+_MAX_REL_DAMP = 10.0  # never damp by more than 10·mean(diag H)
+
+
+def damped_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)^{-1}`` with ``λ = damp · mean(diag H)``.
+
+    If a Cholesky fails (H singular or slightly indefinite), the relative damping grows x10 and
+    the factorisation is retried; one warning names the damping that worked. Raises ValueError
+    when no damping up to ``10 · mean(diag H)`` works.
+    """
+    k = H.shape[0]
+    mean_diag = torch.diag(H).mean()
+    eye = torch.eye(k, dtype=H.dtype, device=H.device)
+    rel = tried = float(damp)
+    for attempt in range(_DAMP_TRIES):
+        tried = rel
+        L, info = torch.linalg.cholesky_ex(H + rel * mean_diag * eye)
+        if info == 0:
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(Hinv).all():
+                if attempt:
+                    warnings.warn(
+                        f"GPTQ: Cholesky of H failed with damp={damp:g}; succeeded with damp={rel:g} "
+                        f"(λ = {rel:g} · mean(diag H))",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                return Hinv
+        rel = rel * 10 if rel > 0 else _DAMP_AFTER_ZERO
+        if rel > _MAX_REL_DAMP:
+            break
+    raise ValueError(
+        f"GPTQ: Cholesky of H + λI failed for every damping up to damp={tried:g} "
+        f"(starting from damp={damp:g}); H is far from positive semi-definite, is it really X^T X?"
+    )
+
+
+def _pending(W, W1, Err1, Hinv, i1, i, i2, j2):
+    """Current values of columns ``[i1+i, j2)``: block columns from ``W1``, later ones with the
+    block's lazy error feedback ``Err1[:, :i] @ Hinv[i1:i1+i, i2:j2]`` applied."""
+    cur = W1[:, i:]
+    if j2 > i2:
+        rest = W[:, i2:j2] - Err1[:, :i] @ Hinv[i1 : i1 + i, i2:j2]
+        cur = torch.cat([cur, rest], dim=1)
+    return cur[:, : j2 - i1 - i]
+
+
+@torch.no_grad()
+def quantize_gptq(W: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+    """GPTQ-quantize ``W`` (out, in) given ``H = X^T X`` (in, in); returns method="gptq" storage."""
+    n, k = W.shape
+    g = k if config.group_size == -1 else config.group_size
+    maxq = 2**config.bits - 1
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
+
+    # Dead input channels never see a non-zero input: their weights do not matter.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scale = torch.zeros(k // g, n, device=W.device)
+    zero = torch.zeros(k // g, n, device=W.device)
+    static_groups = config.act_order or config.group_size == -1
+    if static_groups:
+        for gi in range(k // g):
+            scale[gi], zero[gi] = fit_group(W[:, gi * g : (gi + 1) * g], config.bits, config.sym, config.mse_clip)
+
+    perm = torch.arange(k, device=W.device)
+    if config.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    group_of = perm // g  # group of the column processed at each position
+
+    Hinv = damped_inverse_cholesky(H, config.damp)
+    del H
+
+    codes = torch.zeros_like(W)
+    B = config.block_size
+    for i1 in range(0, k, B):
+        i2 = min(i1 + B, k)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+
+        for i in range(i2 - i1):
+            col = i1 + i
+            gi = int(group_of[col])
+            if not static_groups and col % g == 0:
+                cur = _pending(W, W1, Err1, Hinv, i1, i, i2, col + g)
+                scale[gi], zero[gi] = fit_group(cur, config.bits, config.sym, config.mse_clip)
+
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = quantize(w, scale[gi], zero[gi], maxq)
+            codes[:, col] = q
+            Q1[:, i] = dequantize(q, scale[gi], zero[gi])
+            err1 = (w - Q1[:, i]) / d
+            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err1
+
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if config.act_order:
+        invperm = torch.argsort(perm)
+        codes = codes[:, invperm]
+
+    return QuantizedWeight(
+        qweight=pack_codes(codes.t().to(torch.int64), config.bits),
+        scales=scale.half(),
+        zeros=zero.half(),
+        bits=config.bits,
+        group_size=config.group_size,
+        in_features=k,
+        out_features=n,
+        method="gptq",
+    )
