@@ -4,8 +4,8 @@ from .targets import find_targets
 from .persistence import load_pretrained, save_pretrained
 from .merge import dequantized_base, merge_and_unload
 from .peft_interop import export_peft_adapter, register_peft_custom_module
-from .quantizer import register_transformers_quantizer
+from .quantizer import attach_quantization_config, register_transformers_quantizer
 
 __all__ = ["prepare_model", "find_targets", "PrepareReport", "LayerReport"]
 __all__ += ["save_pretrained", "load_pretrained", "export_peft_adapter", "dequantized_base", "merge_and_unload",
-            "register_peft_custom_module", "register_transformers_quantizer"]
+            "register_peft_custom_module", "register_transformers_quantizer", "attach_quantization_config"]

@@ -23,7 +23,7 @@ def quant_layers(model: nn.Module) -> Dict[str, QuantLoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
 
 
-def _conv1d_names(model: nn.Module, names) -> set:
+def conv1d_names(model: nn.Module, names) -> set:
     """Which of ``names`` were Conv1D in the unprepared model (from a meta skeleton of its class)."""
     config = getattr(model, "config", None)
     try:
@@ -86,7 +86,7 @@ def _densify(model: nn.Module, merge: bool, dtype: Optional[torch.dtype]) -> nn.
     layers = quant_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no QuantLoRALinear layer to convert")
-    conv1d = _conv1d_names(model, list(layers))
+    conv1d = conv1d_names(model, list(layers))
     new = {}
     with torch.no_grad():
         for name, layer in layers.items():

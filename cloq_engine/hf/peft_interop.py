@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..nn import QuantLoRAFunction, QuantLoRALinear
-from .merge import _conv1d_names, quant_layers
-from .persistence import _replace_dir, _staging_dir, quantization_record
+from .merge import conv1d_names, quant_layers
+from .persistence import quantization_record, replace_dir, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
         "use_rslora": lora["use_rslora"],
         "target_modules": sorted(targets),
         "bias": "none",
-        "fan_in_fan_out": bool(_conv1d_names(model, targets)),
+        "fan_in_fan_out": bool(conv1d_names(model, targets)),
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -97,12 +97,12 @@ def export_peft_adapter(model: nn.Module, save_directory) -> str:
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
     metadata = {"format": "pt", "cloq_init": str(record["lora"]["init"]),
                 "cloq_quant": json.dumps(record["quant"], sort_keys=True)}
-    with _staging_dir(target) as tmp:
+    with staging_dir(target) as tmp:
         save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata=metadata)
         with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(adapter_config, f, indent=2, sort_keys=True)
             f.write("\n")
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     logger.info("exported a PEFT adapter of %d layers to %s", len(layers), target)
     return target
 
@@ -139,6 +139,9 @@ def peft_layer_class():
             self.absorbed_base_lora = False
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+        def _get_in_out_features(self, module):
+            return module.in_features, module.out_features
 
         def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
             super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)

@@ -122,7 +122,7 @@ def _hf_config_dict(model: nn.Module, record: dict) -> dict:
 
 
 @contextlib.contextmanager
-def _staging_dir(target: str):
+def staging_dir(target: str):
     """A fresh directory next to ``target``; removed unless it was moved into place."""
     parent = os.path.dirname(os.path.abspath(target)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -134,7 +134,7 @@ def _staging_dir(target: str):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _replace_dir(src: str, dst: str) -> None:
+def replace_dir(src: str, dst: str) -> None:
     """Move ``src`` to ``dst``; an existing ``dst`` is removed only once ``src`` is in place."""
     if not os.path.exists(dst):
         os.replace(src, dst)
@@ -170,7 +170,7 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None) -> str:
     config_dict = _hf_config_dict(model, record)
     state, aliases = deduplicated_state_dict(model)
     metadata = {"format": "pt", ALIASES_KEY: json.dumps(aliases, sort_keys=True)}
-    with _staging_dir(target) as tmp:
+    with staging_dir(target) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config_dict, f, indent=2, sort_keys=True)
@@ -180,7 +180,7 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None) -> str:
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     logger.info("saved %d tensors (%d tied) to %s", len(state), len(aliases), target)
     return target
 
@@ -275,11 +275,18 @@ def swap_in_empty_layers(model: nn.Module, quant_config: QuantConfig, lora_confi
 
 
 def model_class_for(config):
-    """AutoModelForCausalLM for causal LMs, else AutoModel."""
+    """The class recorded in ``config.architectures`` when transformers has it (the saved model's
+    exact class, e.g. a sequence classifier); otherwise AutoModelForCausalLM for causal LMs, else
+    AutoModel."""
+    import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
     from ..data import is_causal_lm
 
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if len(archs) == 1 else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 
@@ -305,7 +312,17 @@ def _check_state(model: nn.Module, state: Dict[str, torch.Tensor], aliases: Dict
             raise ValueError(f"{file}: tensor {k!r} has dtype {t.dtype}; expected a {ref.dtype}-like dtype")
 
 
-def _tie(model: nn.Module, aliases: Dict[str, str]) -> None:
+def _declared_ties(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """Ties the model class declares (transformers' ``all_tied_weights_keys``) whose target is absent
+    from ``state``: checkpoints re-saved by transformers' own save_pretrained drop them without our
+    metadata."""
+    declared = getattr(model, "all_tied_weights_keys", None)
+    if not isinstance(declared, dict):
+        return {}
+    return {k: v for k, v in declared.items() if k not in state and v in state}
+
+
+def tie_aliases(model: nn.Module, aliases: Dict[str, str]) -> None:
     for dropped, kept in aliases.items():
         mod_name, _, attr = dropped.rpartition(".")
         module = model.get_submodule(mod_name) if mod_name else model
@@ -326,7 +343,9 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
             ``zeros`` stay float16); default: as saved.
         device: where the tensors go (default CPU).
 
-    Returns the model in eval mode with only the LoRA factors trainable, ``cloq_config`` set.
+    Returns the model in eval mode with only the LoRA factors trainable, ``cloq_config`` set, and
+    the cloq ``quantization_config`` on its config (so transformers' ``save_pretrained`` and Trainer
+    checkpoints stay loadable).
     Raises FileNotFoundError / ValueError naming the file and the problem for missing or corrupt
     files, missing or unexpected tensors and shape mismatches.
     """
@@ -348,15 +367,17 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
     state, aliases = read_safetensors(weights, device=device or "cpu")
 
     auto = model_class_for(config)
+    build = auto.from_config if hasattr(auto, "from_config") else auto._from_config  # Auto class / model class
     with parameters_on_meta():
-        model = auto.from_config(config, dtype=dtype) if dtype is not None else auto.from_config(config)
+        model = build(config, dtype=dtype) if dtype is not None else build(config)
     swap_in_empty_layers(model, qc, lc, targets, dtype)
+    aliases = {**_declared_ties(model, state), **aliases}
     packed = {f"{t}.{b}" for t in targets for b in QUANT_BUFFERS}
     _check_state(model, state, aliases, weights, packed)
     if dtype is not None:
         state = {k: (t.to(dtype) if t.dtype.is_floating_point and k not in packed else t) for k, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    _tie(model, aliases)
+    tie_aliases(model, aliases)
     if device is not None:
         model.to(device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
@@ -364,5 +385,8 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
         raise ValueError(f"{weights}: tensors left unloaded: {leftover[:5]}")
     mark_trainable(model)
     model.cloq_config = {"quant": qc.to_dict(), "lora": lc.to_dict(), "targets": targets}
+    from .quantizer import attach_quantization_config  # quantizer imports this module
+
+    attach_quantization_config(model)
     model.eval()
     return model

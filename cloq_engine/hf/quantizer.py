@@ -17,8 +17,7 @@ from typing import Optional
 
 import torch
 
-from .persistence import (QUANT_METHOD, WEIGHTS_NAME, _tie, parse_record, quantization_record,
-                          swap_in_empty_layers)
+from .persistence import QUANT_METHOD, WEIGHTS_NAME, parse_record, swap_in_empty_layers, tie_aliases
 from .prepare import mark_trainable
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,6 @@ def _classes():
 
         def __init__(self, quant: Optional[dict] = None, lora: Optional[dict] = None, targets=None, **kwargs):
             self.quant_method = QUANT_METHOD
-            self.quant, self.lora, self.targets = quant, lora, targets
             self.quant_config, self.lora_config, self.targets = parse_record(
                 {"quant_method": QUANT_METHOD, "quant": quant, "lora": lora, "targets": targets},
                 "quantization_config",
@@ -73,7 +71,7 @@ def _classes():
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             qc = self.quantization_config
-            _tie(model, self._aliases)
+            tie_aliases(model, self._aliases)
             mark_trainable(model)
             model.cloq_config = {"quant": qc.quant_config.to_dict(), "lora": qc.lora_config.to_dict(),
                                  "targets": list(qc.targets)}
@@ -126,6 +124,27 @@ def _read_aliases(checkpoint_files) -> dict:
     return {}
 
 
+def attach_quantization_config(model) -> None:
+    """Put the cloq ``quantization_config`` on ``model.config`` so that transformers' own
+    ``model.save_pretrained`` (and so Trainer checkpoints) writes a checkpoint that
+    ``from_pretrained`` / :func:`cloq_engine.load_pretrained` can load."""
+    from .persistence import quantization_record
+
+    record = quantization_record(model)
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no Hugging Face `config`")
+    config_cls, _ = _classes_registered()
+    config.quantization_config = config_cls(**{k: record[k] for k in ("quant", "lora", "targets")})
+
+
+def _classes_registered():
+    register_transformers_quantizer()
+    from transformers.quantizers import auto
+
+    return auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD], auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD]
+
+
 def register_transformers_quantizer() -> bool:
     """Register the ``cloq`` quantization config and quantizer with transformers (idempotent).
 
@@ -148,4 +167,4 @@ def register_transformers_quantizer() -> bool:
     return True
 
 
-__all__ = ["register_transformers_quantizer", "quantization_record"]
+__all__ = ["register_transformers_quantizer", "attach_quantization_config"]
