@@ -17,6 +17,9 @@ if os.environ.get("CLOQ_NO_EXT") != "1":
                 CppExtension(
                     "cloq_engine._C",
                     sources,
+                    depends=sorted(
+                        os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith((".h", ".inc"))
+                    ),
                     extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
                     extra_link_args=["-fopenmp"],
                 )
