@@ -18,7 +18,6 @@ GPTQ decided.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
@@ -26,8 +25,6 @@ import torch
 from ..config import QuantConfig
 from ..formats import QuantizedWeight, pack_codes
 from .rtn import dequantize, fit_group, quantize
-
-logger = logging.getLogger(__name__)
 
 _DAMP_TRIES = 5  # damp, 10·damp, ..., 10^4·damp
 _DAMP_AFTER_ZERO = 1e-6  # relative damping tried after damp=0 fails
@@ -103,12 +100,12 @@ def quantize_gptq(W: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> Quan
     if config.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    group_of = perm // g  # group of the column processed at each position
+    group_of = (perm // g).tolist()  # group of the column processed at each position
 
     Hinv = damped_inverse_cholesky(H, config.damp)
     del H
 
-    codes = torch.zeros_like(W)
+    codes = torch.zeros(k, n, device=W.device)  # K-major, as packed; row = processing position
     B = config.block_size
     for i1 in range(0, k, B):
         i2 = min(i1 + B, k)
@@ -119,7 +116,7 @@ def quantize_gptq(W: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> Quan
 
         for i in range(i2 - i1):
             col = i1 + i
-            gi = int(group_of[col])
+            gi = group_of[col]
             if not static_groups and col % g == 0:
                 cur = _pending(W, W1, Err1, Hinv, i1, i, i2, col + g)
                 scale[gi], zero[gi] = fit_group(cur, config.bits, config.sym, config.mse_clip)
@@ -127,20 +124,20 @@ def quantize_gptq(W: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> Quan
             w = W1[:, i]
             d = Hinv1[i, i]
             q = quantize(w, scale[gi], zero[gi], maxq)
-            codes[:, col] = q
+            codes[col] = q
             Q1[:, i] = dequantize(q, scale[gi], zero[gi])
             err1 = (w - Q1[:, i]) / d
-            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i:] -= torch.outer(err1, Hinv1[i, i:])
             Err1[:, i] = err1
 
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if config.act_order:
         invperm = torch.argsort(perm)
-        codes = codes[:, invperm]
+        codes = codes[invperm]
 
     return QuantizedWeight(
-        qweight=pack_codes(codes.t().to(torch.int64), config.bits),
+        qweight=pack_codes(codes.to(torch.int64), config.bits),
         scales=scale.half(),
         zeros=zero.half(),
         bits=config.bits,
