@@ -1,10 +1,8 @@
 """Real MiniLM layers (weights, activations, H = X^T X) shared by the quantizer tests."""
+import functools
+
 import pytest
 import torch
-
-QUERY = "encoder.layer.1.attention.self.query"  # 384 -> 384
-INTERMEDIATE = "encoder.layer.4.intermediate.dense"  # 384 -> 1536
-REAL_LAYERS = (QUERY, INTERMEDIATE)
 
 
 def _calibrated_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -19,12 +17,16 @@ def calibrated_error():
 
 
 @pytest.fixture(scope="session")
-def real_layers(minilm, minilm_inputs):
-    """name -> (W float32 (out, in), X float32 (T, in), H float64 (in, in)) for REAL_LAYERS."""
+def real_layer(minilm, minilm_inputs):
+    """name -> (W float32 (out, in), X float32 (T, in), H float64 (in, in)) of a MiniLM nn.Linear.
+
+    Callers must not modify the returned tensors in place (they are cached)."""
     model, _ = minilm
     modules = dict(model.named_modules())
-    layers = {}
-    for name in REAL_LAYERS:
+
+    @functools.lru_cache(maxsize=None)
+    def load(name):
         X = minilm_inputs[name]
-        layers[name] = (modules[name].weight.detach().float().clone(), X, X.double().t() @ X.double())
-    return layers
+        return modules[name].weight.detach().float().clone(), X, X.double().t() @ X.double()
+
+    return load

@@ -4,11 +4,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import INTERMEDIATE, QUERY, REAL_LAYERS
 
 import cloq_engine as ce
 from cloq_engine.quant import rtn
 from cloq_engine.quant.gptq import damped_inverse_cholesky
+
+QUERY = "encoder.layer.1.attention.self.query"  # 384 -> 384
+INTERMEDIATE = "encoder.layer.4.intermediate.dense"  # 384 -> 1536
+REAL_LAYERS = (QUERY, INTERMEDIATE)
 
 
 def textbook_gptq(W, H, bits, group_size, damp=0.01, order=None):
@@ -50,8 +53,8 @@ def _gptq(W, H, **kwargs):
 
 @pytest.mark.parametrize("name", REAL_LAYERS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_gptq_calibrated_error_is_below_rtn(real_layers, calibrated_error, name, bits):
-    W, _, H = real_layers[name]
+def test_gptq_calibrated_error_is_below_rtn(real_layer, calibrated_error, name, bits):
+    W, _, H = real_layer(name)
     rtn_err = calibrated_error(W, ce.quantize_weight(W, ce.QuantConfig(bits=bits, method="rtn")).dequantize(), H)
     gptq_err = calibrated_error(W, _gptq(W, H, bits=bits).dequantize(), H)
     assert gptq_err < 0.95 * rtn_err
@@ -68,8 +71,8 @@ def test_gptq_calibrated_error_is_below_rtn(real_layers, calibrated_error, name,
         (INTERMEDIATE, 4, 128, True),
     ],
 )
-def test_gptq_matches_textbook_gptq(real_layers, calibrated_error, name, bits, group_size, act_order):
-    W, _, H = real_layers[name]
+def test_gptq_matches_textbook_gptq(real_layer, calibrated_error, name, bits, group_size, act_order):
+    W, _, H = real_layer(name)
     W = W[:192]  # rows are independent given H: a slice keeps the test fast
     # block_size 48 does not align with the groups: group starts fall inside blocks
     qw = _gptq(W, H, bits=bits, group_size=group_size, act_order=act_order, block_size=48)
@@ -79,16 +82,16 @@ def test_gptq_matches_textbook_gptq(real_layers, calibrated_error, name, bits, g
 
 
 @pytest.mark.parametrize("block_size", [1, 37, 384])
-def test_block_size_does_not_change_the_result(real_layers, calibrated_error, block_size):
-    W, _, H = real_layers[QUERY]
+def test_block_size_does_not_change_the_result(real_layer, calibrated_error, block_size):
+    W, _, H = real_layer(QUERY)
     W = W[:96]
     base = calibrated_error(W, _gptq(W, H, bits=3, group_size=32, block_size=128).dequantize(), H)
     other = calibrated_error(W, _gptq(W, H, bits=3, group_size=32, block_size=block_size).dequantize(), H)
     assert other == pytest.approx(base, rel=1e-3)
 
 
-def test_act_order_keeps_format_and_uses_static_groups(real_layers, calibrated_error):
-    W, _, H = real_layers[INTERMEDIATE]
+def test_act_order_keeps_format_and_uses_static_groups(real_layer, calibrated_error):
+    W, _, H = real_layer(INTERMEDIATE)
     W = W[::4]  # every 4th output row: rows are independent given H
     plain = _gptq(W, H, bits=3, group_size=64)
     ordered = _gptq(W, H, bits=3, group_size=64, act_order=True)
@@ -101,8 +104,8 @@ def test_act_order_keeps_format_and_uses_static_groups(real_layers, calibrated_e
     assert calibrated_error(W, ordered.dequantize(), H) < calibrated_error(W, rtn_qw.dequantize(), H)
 
 
-def test_group_scales_see_the_error_feedback(real_layers):
-    W, _, H = real_layers[QUERY]
+def test_group_scales_see_the_error_feedback(real_layer):
+    W, _, H = real_layer(QUERY)
     qw = _gptq(W, H, bits=2, group_size=32)
     rtn_qw = ce.quantize_weight(W, ce.QuantConfig(bits=2, group_size=32, method="rtn"))
     assert torch.equal(qw.scales[0], rtn_qw.scales[0])  # the first group sees no feedback yet
@@ -110,8 +113,8 @@ def test_group_scales_see_the_error_feedback(real_layers):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_dead_columns_are_zero_and_the_rest_is_quantized(real_layers, calibrated_error, act_order):
-    W, X, _ = real_layers[QUERY]
+def test_dead_columns_are_zero_and_the_rest_is_quantized(real_layer, calibrated_error, act_order):
+    W, X, _ = real_layer(QUERY)
     X = X.clone()
     dead = torch.tensor([0, 5, 200, 383])
     X[:, dead] = 0
@@ -143,8 +146,8 @@ def test_failed_cholesky_grows_damping_and_warns_once():
     assert torch.isfinite(qw.dequantize()).all()
 
 
-def test_well_conditioned_h_does_not_warn(real_layers):
-    W, _, H = real_layers[QUERY]
+def test_well_conditioned_h_does_not_warn(real_layer):
+    W, _, H = real_layer(QUERY)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _gptq(W[:32], H, bits=4)
@@ -170,17 +173,17 @@ def test_damped_inverse_cholesky_is_upper_factor_of_inverse():
 
 @pytest.mark.parametrize("h_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("w_dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_input_dtypes_give_the_same_quantization(real_layers, calibrated_error, w_dtype, h_dtype):
-    W, _, H = real_layers[QUERY]
+def test_input_dtypes_give_the_same_quantization(real_layer, calibrated_error, w_dtype, h_dtype):
+    W, _, H = real_layer(QUERY)
     W, H = W[:64].to(w_dtype), H.to(h_dtype)
     base = calibrated_error(W.float(), _gptq(W.float(), H.float(), bits=3).dequantize(), H)
     assert calibrated_error(W.float(), _gptq(W, H, bits=3).dequantize(), H) == pytest.approx(base, rel=1e-3)
 
 
 @pytest.mark.parametrize("sym", [False, True])
-def test_dequantize_is_what_gptq_decided(real_layers, sym):
+def test_dequantize_is_what_gptq_decided(real_layer, sym):
     """The stored codes, scales and zeros reproduce Q; sym keeps zeros at the middle code."""
-    W, _, H = real_layers[QUERY]
+    W, _, H = real_layer(QUERY)
     qw = _gptq(W[:48], H, bits=3, group_size=64, sym=sym)
     codes = qw.codes()
     assert int(codes.min()) >= 0 and int(codes.max()) <= 7
@@ -190,3 +193,11 @@ def test_dequantize_is_what_gptq_decided(real_layers, sym):
     # every entry is on its group's grid: (Q / scale + zero) is a whole number in [0, maxq]
     grid = Q.t() / qw.scales.float().repeat_interleave(64, 0) + qw.zeros.float().repeat_interleave(64, 0)
     assert torch.allclose(grid, grid.round(), atol=1e-3)
+
+
+def test_gptq_with_mse_clip_beats_rtn_with_mse_clip(real_layer, calibrated_error):
+    W, _, H = real_layer(QUERY)
+    W = W[:96]
+    config = dict(bits=2, group_size=64, mse_clip=True)
+    rtn_Q = ce.quantize_weight(W, ce.QuantConfig(method="rtn", **config)).dequantize()
+    assert calibrated_error(W, _gptq(W, H, **config).dequantize(), H) < calibrated_error(W, rtn_Q, H)

@@ -1,10 +1,13 @@
 """Round to nearest on real MiniLM weights: error bounds, sym vs asym, exact zeros, mse_clip."""
 import pytest
 import torch
-from conftest import REAL_LAYERS
 
 import cloq_engine as ce
 from cloq_engine.quant import rtn
+
+QUERY = "encoder.layer.1.attention.self.query"  # 384 -> 384
+INTERMEDIATE = "encoder.layer.4.intermediate.dense"  # 384 -> 1536
+REAL_LAYERS = (QUERY, INTERMEDIATE)
 
 
 def _rtn(W, **kwargs):
@@ -17,8 +20,8 @@ def _expand(t, g):
 
 @pytest.mark.parametrize("name", REAL_LAYERS)
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 128), (4, 64), (4, -1)])
-def test_asym_error_is_at_most_half_a_step(real_layers, name, bits, group_size):
-    W, _, _ = real_layers[name]
+def test_asym_error_is_at_most_half_a_step(real_layer, name, bits, group_size):
+    W, _, _ = real_layer(name)
     qw = _rtn(W, bits=bits, group_size=group_size)
     g = qw.effective_group_size
     step = _expand(qw.scales, g)
@@ -31,8 +34,8 @@ def test_asym_error_is_at_most_half_a_step(real_layers, name, bits, group_size):
 
 @pytest.mark.parametrize("name", REAL_LAYERS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_sym_has_a_fixed_middle_zero_and_more_error_than_asym(real_layers, name, bits):
-    W, _, _ = real_layers[name]
+def test_sym_has_a_fixed_middle_zero_and_more_error_than_asym(real_layer, name, bits):
+    W, _, _ = real_layer(name)
     sym, asym = _rtn(W, bits=bits, sym=True), _rtn(W, bits=bits, sym=False)
     assert (sym.zeros == 2 ** (bits - 1)).all()
     assert len(torch.unique(asym.zeros)) > 1
@@ -42,8 +45,8 @@ def test_sym_has_a_fixed_middle_zero_and_more_error_than_asym(real_layers, name,
 
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_exact_zeros_stay_exact(real_layers, bits, sym):
-    W = real_layers[REAL_LAYERS[0]][0].clone()
+def test_exact_zeros_stay_exact(real_layer, bits, sym):
+    W = real_layer(REAL_LAYERS[0])[0].clone()
     W[:, ::7] = 0
     W[5, :] = 0  # an all-zero row: every group of it has a zero range
     Q = _rtn(W, bits=bits, group_size=32, sym=sym).dequantize()
@@ -52,8 +55,8 @@ def test_exact_zeros_stay_exact(real_layers, bits, sym):
 
 @pytest.mark.parametrize("name", REAL_LAYERS)
 @pytest.mark.parametrize("bits,sym", [(2, False), (3, True), (4, False)])
-def test_mse_clip_does_not_increase_any_rows_error(real_layers, name, bits, sym):
-    W, _, _ = real_layers[name]
+def test_mse_clip_does_not_increase_any_rows_error(real_layer, name, bits, sym):
+    W, _, _ = real_layer(name)
     plain = ((W - _rtn(W, bits=bits, group_size=64, sym=sym).dequantize()) ** 2).sum(dim=1)
     clipped = ((W - _rtn(W, bits=bits, group_size=64, sym=sym, mse_clip=True).dequantize()) ** 2).sum(dim=1)
     assert (clipped <= plain * (1 + 1e-6)).all()
@@ -71,7 +74,7 @@ def test_find_params_matches_min_max_and_rounds_scales_to_float16():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_input_dtype_only_changes_the_input(real_layers, dtype):
-    W = real_layers[REAL_LAYERS[0]][0][:32]
+def test_input_dtype_only_changes_the_input(real_layer, dtype):
+    W = real_layer(REAL_LAYERS[0])[0][:32]
     Wd = W.to(dtype)
     assert torch.equal(_rtn(Wd, bits=3).dequantize(), _rtn(Wd.float(), bits=3).dequantize())
