@@ -1,0 +1,87 @@
+"""merge_and_unload and dequantized_base: dense models with the quantized model's outputs."""
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import cloq_engine as ce
+from cloq_engine.nn import QuantLoRALinear
+from tiny_models import ARCHS, tiny_calib, tiny_model
+
+IDS = tiny_calib(1, seed=3)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def prepared(arch, seed=1):
+    """A tiny model prepared with RTN + zero init, then given random LoRA B so the branch matters
+    (cached: tests copy it before changing it)."""
+    model = tiny_model(arch)
+    ce.prepare_model(model, ce.QuantConfig(bits=3, group_size=32, method="rtn"), ce.LoRAConfig(rank=4, alpha=8, init="zero"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantLoRALinear):
+                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+    return model
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merged_model_matches_quantized_model_with_plain_layers(arch):
+    model = copy.deepcopy(prepared(arch))
+    targets = list(model.cloq_config["targets"])
+    expected = {n: model.get_submodule(n).merged_weight() for n in targets}
+    y = logits(model)
+    merged = ce.merge_and_unload(model)
+    assert merged is model
+    torch.testing.assert_close(logits(merged), y, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, QuantLoRALinear) for m in merged.modules())
+    kind = "Conv1D" if arch == "gpt2" else "Linear"
+    for n in targets:
+        layer = merged.get_submodule(n)
+        assert type(layer).__name__ == kind
+        w = layer.weight.t() if kind == "Conv1D" else layer.weight
+        torch.testing.assert_close(w, expected[n], rtol=0, atol=0)
+    assert not hasattr(merged, "cloq_config") and not hasattr(merged.config, "quantization_config")
+
+
+def test_merge_to_bfloat16_casts_the_dense_weights():
+    merged = ce.merge_and_unload(copy.deepcopy(prepared("llama")), dtype=torch.bfloat16)
+    layer = merged.get_submodule(prepared("llama").cloq_config["targets"][0])
+    assert isinstance(layer, nn.Linear) and layer.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merged_model_saves_and_reloads_as_a_plain_transformers_model(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    merged = ce.merge_and_unload(copy.deepcopy(prepared(arch)))
+    merged.save_pretrained(tmp_path / "dense")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    torch.testing.assert_close(logits(reloaded), logits(merged), rtol=0, atol=0)
+
+
+def test_dequantized_base_leaves_the_model_alone_and_drops_lora():
+    model = prepared("opt")
+    name = model.cloq_config["targets"][0]
+    base = ce.dequantized_base(model)
+    assert isinstance(model.get_submodule(name), QuantLoRALinear)
+    layer = base.get_submodule(name)
+    assert isinstance(layer, nn.Linear)
+    torch.testing.assert_close(layer.weight, model.get_submodule(name).quantized_weight.dequantize(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias, model.get_submodule(name).bias, rtol=0, atol=0)
+
+
+def test_merge_refuses_models_without_quantized_layers_and_bad_dtype():
+    with pytest.raises(ValueError, match="no QuantLoRALinear"):
+        ce.merge_and_unload(tiny_model("llama"))
+    with pytest.raises(ValueError, match="dtype"):
+        ce.merge_and_unload(copy.deepcopy(prepared("llama")), dtype=torch.int8)

@@ -1,0 +1,122 @@
+"""PEFT interop: exported adapters load with PeftModel onto the dequantized base; our layer as a
+PEFT custom module."""
+import copy
+import functools
+import json
+import os
+
+import pytest
+import torch
+
+import cloq_engine as ce
+from cloq_engine.nn import QuantLoRALinear
+from tiny_models import ARCHS, tiny_calib, tiny_model
+
+peft = pytest.importorskip("peft")
+
+IDS = tiny_calib(1, seed=3)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def prepared(arch, use_rslora=False, seed=1):
+    """A tiny model prepared with RTN + zero init, then given random LoRA B so the branch matters
+    (cached: tests copy it before changing it)."""
+    model = tiny_model(arch)
+    ce.prepare_model(model, ce.QuantConfig(bits=4, group_size=32, method="rtn"),
+                     ce.LoRAConfig(rank=4, alpha=8, init="zero", use_rslora=use_rslora))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantLoRALinear):
+                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+    return model
+
+
+def logits(model, ids=IDS):
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exported_adapter_on_dequantized_base_matches_quantized_model(arch, tmp_path):
+    from safetensors import safe_open
+
+    model = prepared(arch)
+    path = ce.export_peft_adapter(model, tmp_path / "adapter")
+    base = ce.dequantized_base(model)
+    with torch.no_grad():
+        y_base = logits(base)
+        peft_model = peft.PeftModel.from_pretrained(base, path)
+        y_peft, y = logits(peft_model), logits(model)
+    torch.testing.assert_close(y_peft, y, rtol=1e-5, atol=1e-5)
+    assert (y_base - y).abs().max() > 1e-3  # the adapter is really applied
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["init_lora_weights"] is True
+    assert cfg["target_modules"] == sorted(model.cloq_config["targets"]) and cfg["use_rslora"] is False
+    assert cfg["fan_in_fan_out"] is (arch == "gpt2")
+    assert cfg["task_type"] == ("FEATURE_EXTRACTION" if arch == "bert" else "CAUSAL_LM")
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    name = model.cloq_config["targets"][0]
+    assert f"base_model.model.{name}.lora_A.weight" in keys and f"base_model.model.{name}.lora_B.weight" in keys
+    assert len(keys) == 2 * len(model.cloq_config["targets"])
+    assert meta["cloq_init"] == "zero" and json.loads(meta["cloq_quant"])["bits"] == 4
+
+
+def test_rslora_scaling_survives_export(tmp_path):
+    model = prepared("llama", use_rslora=True)
+    path = ce.export_peft_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        y_peft = logits(peft.PeftModel.from_pretrained(ce.dequantized_base(model), path))
+        torch.testing.assert_close(y_peft, logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_unprepared_model(tmp_path):
+    with pytest.raises(ValueError, match="cloq_config"):
+        ce.export_peft_adapter(tiny_model("opt"), tmp_path / "adapter")
+
+
+def _suffixes(model):
+    return sorted({n.rpartition(".")[2] for n in model.cloq_config["targets"]})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_custom_module_starts_from_calibrated_factors_and_trains_only_the_adapter(arch, tmp_path):
+    model = copy.deepcopy(prepared(arch))
+    with torch.no_grad():
+        y = logits(model)
+    cfg = ce.register_peft_custom_module(peft.LoraConfig(r=4, lora_alpha=16, target_modules=_suffixes(model)))
+    peft_model = peft.get_peft_model(model, cfg)
+    wrapped = [m for m in peft_model.modules() if type(m).__name__ == "PeftQuantLoRALinear"]
+    assert len(wrapped) == len(model.cloq_config["targets"]) and all(m.absorbed_base_lora for m in wrapped)
+    torch.testing.assert_close(logits(peft_model).detach(), y, rtol=1e-5, atol=1e-6)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n and "base_layer" not in n for n in trainable)
+    logits(peft_model).float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters()
+               if p.requires_grad and "lora_B" in n)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == 2 * len(wrapped) and not any("base_layer" in k for k in saved)
+
+
+def test_peft_custom_module_with_other_rank_keeps_calibrated_lora_in_base():
+    model = copy.deepcopy(prepared("llama"))
+    with torch.no_grad():
+        y = logits(model)
+    cfg = ce.register_peft_custom_module(peft.LoraConfig(r=2, lora_alpha=4, target_modules=_suffixes(model)))
+    peft_model = peft.get_peft_model(model, cfg)
+    wrapped = [m for m in peft_model.modules() if type(m).__name__ == "PeftQuantLoRALinear"]
+    assert wrapped and not any(m.absorbed_base_lora for m in wrapped)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(peft_model), y, rtol=1e-5, atol=1e-6)
+        with peft_model.disable_adapter():
+            torch.testing.assert_close(logits(peft_model), y, rtol=1e-5, atol=1e-6)
+
+
+def test_register_peft_custom_module_needs_a_lora_config():
+    with pytest.raises(ValueError, match="lora_config"):
+        ce.register_peft_custom_module({"r": 4})

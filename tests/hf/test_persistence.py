@@ -1,0 +1,286 @@
+"""save_pretrained / load_pretrained / transformers' from_pretrained on cloq checkpoints."""
+import copy
+import functools
+import json
+import os
+
+import pytest
+import torch
+
+import cloq_engine as ce
+from cloq_engine.hf import persistence
+from cloq_engine.nn import QuantLoRALinear
+from tiny_models import ARCHS, tiny_calib, tiny_model
+
+
+@functools.lru_cache(maxsize=None)
+def prepared(arch, quant=None, seed=1):
+    """A tiny model prepared with RTN + zero init, then given random LoRA B so the branch matters
+    (cached: tests only read it)."""
+    model = tiny_model(arch)
+    quant = quant or ce.QuantConfig(bits=4, group_size=32, method="rtn")
+    ce.prepare_model(model, quant, ce.LoRAConfig(rank=4, alpha=8, init="zero"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantLoRALinear):
+                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+IDS = tiny_calib(1, seed=3)[0]
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory):
+    model = prepared("llama")
+    path = ce.save_pretrained(model, tmp_path_factory.mktemp("ck") / "llama")
+    return model, path
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_then_load_gives_identical_logits(arch, tmp_path):
+    model = prepared(arch)
+    path = ce.save_pretrained(model, tmp_path / "ck")
+    assert sorted(os.listdir(path)) == sorted(
+        ["config.json", "model.safetensors"] + (["generation_config.json"] if arch != "bert" else []))
+    loaded = ce.load_pretrained(path)
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    assert loaded.cloq_config == model.cloq_config
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLoRALinear)}
+    assert set(layers) == set(model.cloq_config["targets"])
+    assert all(m.qweight.dtype == torch.int32 and m.scales.dtype == torch.float16 for m in layers.values())
+    assert {n.rpartition(".")[2] for n, p in loaded.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    assert not any(t.device.type == "meta" for t in list(loaded.parameters()) + list(loaded.buffers()))
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_tied_embeddings_are_stored_once_and_retied(arch, tmp_path):
+    from safetensors import safe_open
+
+    model = prepared(arch)
+    path = ce.save_pretrained(model, tmp_path / "ck")
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    aliases = json.loads(meta[persistence.ALIASES_KEY])
+    assert aliases == {"lm_head.weight": next(iter(aliases.values()))} and "lm_head.weight" not in keys
+    loaded = ce.load_pretrained(path)
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_from_pretrained_loads_cloq_checkpoint(arch, tmp_path):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model = prepared(arch)
+    path = ce.save_pretrained(model, tmp_path / "ck")
+    auto = AutoModel if arch == "bert" else AutoModelForCausalLM
+    loaded = auto.from_pretrained(path)
+    assert type(loaded) is type(model)
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+    assert all(isinstance(loaded.get_submodule(n), QuantLoRALinear) for n in model.cloq_config["targets"])
+    assert {n.rpartition(".")[2] for n, p in loaded.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    assert loaded.config.quantization_config.to_dict()["targets"] == model.cloq_config["targets"]
+
+
+def test_from_pretrained_dtype_keeps_packed_buffers_and_resave_round_trips(tmp_path):
+    """transformers' own save_pretrained of a loaded cloq model (what Trainer checkpoints do) drops
+    tied tensors without our metadata; both loaders still rebuild it."""
+    from transformers import AutoModelForCausalLM
+
+    model = prepared("gpt2")
+    path = ce.save_pretrained(model, tmp_path / "ck")
+    half = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    layer = half.get_submodule(model.cloq_config["targets"][0])
+    assert (layer.lora_A.dtype, layer.scales.dtype, layer.qweight.dtype) == (torch.bfloat16, torch.float16, torch.int32)
+    AutoModelForCausalLM.from_pretrained(path).save_pretrained(tmp_path / "resaved")
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "resaved"), ce.load_pretrained(tmp_path / "resaved")):
+        assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+
+
+@pytest.mark.parametrize("source", ["attach_quantization_config", "load_pretrained"])
+def test_transformers_save_pretrained_keeps_the_quantization_record(source, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = copy.deepcopy(prepared("opt"))
+    if source == "load_pretrained":
+        live = ce.load_pretrained(ce.save_pretrained(model, tmp_path / "ck"))
+    else:
+        live = model
+        ce.hf.attach_quantization_config(live)
+    live.save_pretrained(tmp_path / "hf")  # what Trainer checkpoints call
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), ce.load_pretrained(tmp_path / "hf")):
+        assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+
+
+def test_calibrated_gptq_cloq_model_round_trips(tmp_path):
+    model = tiny_model("llama")
+    ce.prepare_model(model, ce.QuantConfig(bits=2, group_size=32, method="gptq"), ce.LoRAConfig(rank=4, init="cloq"),
+                     calib=tiny_calib(4))
+    loaded = ce.load_pretrained(ce.save_pretrained(model, tmp_path / "ck"))
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+    assert loaded.cloq_config["lora"]["init"] == "cloq" and loaded.cloq_config["quant"]["method"] == "gptq"
+
+
+@pytest.mark.parametrize("quant", [
+    ce.QuantConfig(bits=2, group_size=32, method="rtn"),
+    ce.QuantConfig(bits=3, group_size=64, method="rtn", sym=True),
+    ce.QuantConfig(bits=4, group_size=-1, method="nf4"),
+], ids=["2bit", "3bit-sym", "nf4"])
+def test_round_trip_keeps_every_packed_format(quant, tmp_path):
+    model = prepared("qwen2", quant=quant)
+    loaded = ce.load_pretrained(ce.save_pretrained(model, tmp_path / "ck"))
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+    name = model.cloq_config["targets"][0]
+    assert (loaded.get_submodule(name).zeros is None) == (quant.method.value == "nf4")
+
+
+def test_load_with_dtype_casts_weights_but_not_packed_buffers(llama_checkpoint):
+    model, path = llama_checkpoint
+    loaded = ce.load_pretrained(path, dtype=torch.bfloat16)
+    layer = loaded.get_submodule(model.cloq_config["targets"][0])
+    assert layer.lora_A.dtype == torch.bfloat16 and loaded.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert layer.scales.dtype == torch.float16 and layer.qweight.dtype == torch.int32
+    ref = logits(model, IDS)
+    rel = (logits(loaded, IDS).float() - ref).norm() / ref.norm()
+    assert rel < 0.05
+
+
+def test_tokenizer_files_are_saved_with_the_model(tmp_path):
+    from transformers import AutoTokenizer
+
+    from cloq_engine import data
+
+    tok = AutoTokenizer.from_pretrained(data.minilm_path())
+    path = ce.save_pretrained(prepared("bert"), tmp_path / "ck", tokenizer=tok)
+    assert os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    text = "Calibrated LoRA for quantized models."
+    assert AutoTokenizer.from_pretrained(path)(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_config_records_the_quantization(llama_checkpoint):
+    model, path = llama_checkpoint
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "cloq" and q["targets"] == model.cloq_config["targets"]
+    assert ce.QuantConfig.from_dict(q["quant"]) == ce.QuantConfig.from_dict(model.cloq_config["quant"])
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["dtype"] == "float32"
+    assert not hasattr(model.config, "quantization_config")  # the live model's config is not touched
+
+
+def test_overwrite_replaces_the_directory_only_after_success(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    target = tmp_path / "ck"
+    first = prepared("llama", seed=1)
+    ce.save_pretrained(first, target)
+    (target / "stale.txt").write_text("old")
+    before = (target / "model.safetensors").read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ce.save_pretrained(prepared("llama", seed=2), target)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary directory left behind
+    monkeypatch.undo()
+
+    second = prepared("llama", seed=2)
+    ce.save_pretrained(second, target)
+    assert not (target / "stale.txt").exists() and sorted(os.listdir(tmp_path)) == ["ck"]
+    assert torch.equal(logits(ce.load_pretrained(target), IDS), logits(second, IDS))
+
+
+def test_save_refuses_unprepared_models_and_file_targets(tmp_path):
+    with pytest.raises(ValueError, match="cloq_config"):
+        ce.save_pretrained(tiny_model("llama"), tmp_path / "x")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="save_directory"):
+        ce.save_pretrained(prepared("llama"), tmp_path / "file")
+
+
+def _rewrite_weights(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _truncate(path):
+    file = os.path.join(path, "model.safetensors")
+    data = open(file, "rb").read()
+    open(file, "wb").write(data[: len(data) // 2])
+
+
+def _bad_header(path):
+    file = os.path.join(path, "model.safetensors")
+    data = open(file, "rb").read()
+    open(file, "wb").write(b"\xff" * 8 + data[8:])
+
+
+def _set_config(path, fn):
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        cfg = json.load(f)
+    fn(cfg)
+    with open(file, "w") as f:
+        json.dump(cfg, f)
+
+
+LORA_A = "model.layers.0.self_attn.q_proj.lora_A"
+
+CORRUPTIONS = [
+    ("missing config", lambda p: os.remove(os.path.join(p, "config.json")), FileNotFoundError, r"config\.json"),
+    ("missing weights", lambda p: os.remove(os.path.join(p, "model.safetensors")), FileNotFoundError,
+     r"model\.safetensors"),
+    ("config not json", lambda p: open(os.path.join(p, "config.json"), "w").write("{oops"), ValueError,
+     r"config\.json: not valid JSON"),
+    ("no quantization_config", lambda p: _set_config(p, lambda c: c.pop("quantization_config")), ValueError,
+     r"config\.json.*quantization_config"),
+    ("other quant_method", lambda p: _set_config(p, lambda c: c["quantization_config"].update(quant_method="gptq")),
+     ValueError, r"quant_method"),
+    ("bad bits", lambda p: _set_config(p, lambda c: c["quantization_config"]["quant"].update(bits=5)), ValueError,
+     r"config\.json.*bits"),
+    ("truncated weights", _truncate, ValueError, r"model\.safetensors: corrupt or truncated"),
+    ("garbage header", _bad_header, ValueError, r"model\.safetensors: corrupt or truncated"),
+    ("missing tensor", lambda p: _rewrite_weights(p, lambda t: t.pop(LORA_A)), ValueError,
+     r"model\.safetensors: missing 1 tensor.*lora_A"),
+    ("unexpected tensor", lambda p: _rewrite_weights(p, lambda t: t.update(extra=torch.zeros(2))), ValueError,
+     r"model\.safetensors: 1 unexpected tensor.*extra"),
+    ("shape mismatch", lambda p: _rewrite_weights(p, lambda t: t.update({LORA_A: torch.zeros(3, 64)})), ValueError,
+     r"model\.safetensors: tensor .*lora_A.* has shape \(3, 64\); the model needs \(4, 64\)"),
+    ("packed dtype", lambda p: _rewrite_weights(
+        p, lambda t: t.update({"model.layers.0.self_attn.q_proj.qweight":
+                               t["model.layers.0.self_attn.q_proj.qweight"].float()})), ValueError,
+     r"packed tensor .*qweight.* dtype"),
+]
+
+
+@pytest.mark.parametrize("corrupt, error, match", [c[1:] for c in CORRUPTIONS], ids=[c[0] for c in CORRUPTIONS])
+def test_broken_checkpoints_raise_errors_naming_file_and_problem(corrupt, error, match, llama_checkpoint, tmp_path):
+    import shutil
+
+    path = str(tmp_path / "ck")
+    shutil.copytree(llama_checkpoint[1], path)
+    corrupt(path)
+    with pytest.raises(error, match=match):
+        ce.load_pretrained(path)
+
+
+def test_missing_directory_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+        ce.load_pretrained(tmp_path / "nope")
