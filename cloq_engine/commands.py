@@ -87,6 +87,7 @@ class Evaluator:
 def cmd_prepare(args) -> int:
     from .hf import prepare_model
     from .hf.persistence import save_pretrained
+    from .hf.quantizer import attach_quantization_config
 
     t0 = time.perf_counter()
     model_path = args.model or data.minilm_path()
@@ -96,6 +97,7 @@ def cmd_prepare(args) -> int:
     t_load = time.perf_counter() - t0
     prepare_model(model, qc, lc, calib=calib, progress=not args.no_progress)
     model.cloq_config["base_model"] = os.path.abspath(model_path)
+    attach_quantization_config(model)
     t1 = time.perf_counter()
     save_pretrained(model, args.out, tokenizer=tok)
     t_save = time.perf_counter() - t1

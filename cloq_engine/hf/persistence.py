@@ -48,8 +48,11 @@ def quantization_record(model: nn.Module) -> dict:
         raise ValueError(
             f"{type(model).__name__} has no `cloq_config`: prepare it with cloq_engine.prepare_model first"
         )
-    return {"quant_method": QUANT_METHOD, "quant": dict(record["quant"]), "lora": dict(record["lora"]),
-            "targets": list(record["targets"])}
+    out = {"quant_method": QUANT_METHOD, "quant": dict(record["quant"]), "lora": dict(record["lora"]),
+           "targets": list(record["targets"])}
+    if record.get("base_model"):  # where the full-precision model lives, for `cloq eval`
+        out["base_model"] = str(record["base_model"])
+    return out
 
 
 def parse_record(record, source: str) -> Tuple[QuantConfig, LoRAConfig, List[str]]:
@@ -385,6 +388,8 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
         raise ValueError(f"{weights}: tensors left unloaded: {leftover[:5]}")
     mark_trainable(model)
     model.cloq_config = {"quant": qc.to_dict(), "lora": lc.to_dict(), "targets": targets}
+    if raw["quantization_config"].get("base_model"):
+        model.cloq_config["base_model"] = raw["quantization_config"]["base_model"]
     from .quantizer import attach_quantization_config  # quantizer imports this module
 
     attach_quantization_config(model)

@@ -67,7 +67,7 @@ def build_layer(name: str, module: nn.Module, quant_config: QuantConfig, lora_co
     Hf = None if H is None else H.float()
     t0 = time.perf_counter()
     if lora_config.init == InitMethod.LOFTQ:
-        qw, A, B = init_mod.init_loftq(W, quant_config, lora_config.rank, scaling=lora_config.scaling)
+        qw, A, B = init_mod.init_loftq(W, quant_config, lora_config.rank, scaling=lora_config.scaling, H=Hf)
         t_q, t_i = 0.0, time.perf_counter() - t0
     else:
         qw = quantize_weight(W, quant_config, H=Hf)
@@ -140,6 +140,10 @@ def prepare_model(model: nn.Module, quant_config: QuantConfig, lora_config: LoRA
     model.train(was_training)
     model.cloq_report = report
     model.cloq_config = {"quant": quant_config.to_dict(), "lora": lora_config.to_dict(), "targets": targets}
+    if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
+        from .quantizer import attach_quantization_config
+
+        attach_quantization_config(model)  # so transformers' own save_pretrained / Trainer checkpoints reload
     return model
 
 

@@ -38,16 +38,21 @@ def _classes():
             targets: fully qualified names of the QuantLoRALinear modules.
         """
 
-        def __init__(self, quant: Optional[dict] = None, lora: Optional[dict] = None, targets=None, **kwargs):
+        def __init__(self, quant: Optional[dict] = None, lora: Optional[dict] = None, targets=None,
+                     base_model: Optional[str] = None, **kwargs):
             self.quant_method = QUANT_METHOD
+            self.base_model = base_model
             self.quant_config, self.lora_config, self.targets = parse_record(
                 {"quant_method": QUANT_METHOD, "quant": quant, "lora": lora, "targets": targets},
                 "quantization_config",
             )
 
         def to_dict(self) -> dict:
-            return {"quant_method": QUANT_METHOD, "quant": self.quant_config.to_dict(),
-                    "lora": self.lora_config.to_dict(), "targets": list(self.targets)}
+            d = {"quant_method": QUANT_METHOD, "quant": self.quant_config.to_dict(),
+                 "lora": self.lora_config.to_dict(), "targets": list(self.targets)}
+            if self.base_model:
+                d["base_model"] = self.base_model
+            return d
 
         def __iter__(self):
             yield from self.to_dict().items()
@@ -135,7 +140,7 @@ def attach_quantization_config(model) -> None:
     if config is None:
         raise ValueError(f"{type(model).__name__} has no Hugging Face `config`")
     config_cls, _ = _classes_registered()
-    config.quantization_config = config_cls(**{k: record[k] for k in ("quant", "lora", "targets")})
+    config.quantization_config = config_cls(**{k: record[k] for k in ("quant", "lora", "targets", "base_model") if k in record})
 
 
 def _classes_registered():

@@ -173,7 +173,7 @@ def test_config_records_the_quantization(llama_checkpoint):
     assert q["quant_method"] == "cloq" and q["targets"] == model.cloq_config["targets"]
     assert ce.QuantConfig.from_dict(q["quant"]) == ce.QuantConfig.from_dict(model.cloq_config["quant"])
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["dtype"] == "float32"
-    assert not hasattr(model.config, "quantization_config")  # the live model's config is not touched
+    assert model.config.quantization_config.to_dict()["targets"] == q["targets"]  # prepare_model attached it
 
 
 def test_overwrite_replaces_the_directory_only_after_success(tmp_path, monkeypatch):

@@ -1,0 +1,85 @@
+"""The `cloq` command line on the embedded real MiniLM and text (small settings to stay fast)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cloq_engine.cli import main
+
+FAST = ["--samples", "8", "--seq-len", "64", "--no-progress"]
+
+
+def _run(*argv):
+    """Run the real console entry point in a subprocess; returns (code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "cloq_engine.cli", *argv], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["prepare", "--bits", "5", "--out", "x"], "--bits"),
+    (["prepare", "--group-size", "48", "--out", "x"], "--group-size"),
+    (["prepare", "--rank", "0", "--out", "x"], "--rank"),
+    (["prepare", "--quantizer", "awq", "--out", "x"], "--quantizer"),
+    (["prepare", "--model", "/no/such/dir", "--out", "x"], "--model"),
+    (["eval", "/no/such/ckpt"], "checkpoint"),
+    (["finetune", ".", "--steps", "-3"], "--steps"),
+])
+def test_bad_arguments_exit_2_with_one_line_naming_the_argument(argv, word, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert word in err and "Traceback" not in err
+
+
+def test_prepare_then_eval_on_embedded_default(tmp_path):
+    out = tmp_path / "ckpt"
+    code, stdout, stderr = _run("prepare", "--bits", "2", "--group-size", "64", "--out", str(out), *FAST)
+    assert code == 0, stderr
+    assert "encoder.layer.0.attention.self.query" in stdout and "mean calibrated error" in stdout
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    code, stdout, stderr = _run("eval", str(out), "--samples", "32", "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert 0.5 < result["score"]["cosine"] < 1.0
+
+
+def test_failed_prepare_leaves_nothing_at_out(tmp_path):
+    out = tmp_path / "ckpt"
+    text = tmp_path / "tiny.txt"
+    text.write_text("Too short to calibrate.\n")
+    code, _, stderr = _run("prepare", "--calib", str(text), "--out", str(out), *FAST)
+    assert code == 1 and "too little calibration data" in stderr and "Traceback" not in stderr
+    assert not out.exists() and not any(tmp_path.glob("ckpt*tmp*"))
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    code, _, stderr = _run("eval", str(bad))
+    assert code == 1 and "Traceback" not in stderr and "error" in stderr
+
+
+def test_compare_writes_table_json_and_png(tmp_path):
+    code, stdout, stderr = _run("compare", "--bits", "2", "--inits", "zero", "cloq", "--eval-samples", "32",
+                                "--out", str(tmp_path), *FAST)
+    assert code == 0, stderr
+    res = json.load(open(tmp_path / "compare.json"))
+    by_init = {r["init"]: r for r in res["results"]}
+    assert by_init["cloq"]["mean_err_init"] < by_init["zero"]["mean_err_init"]
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_finetune_runs_trainer_and_saves_adapter(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert _run("prepare", "--bits", "2", "--init", "zero", "--quantizer", "rtn", "--out", str(ckpt), *FAST)[0] == 0
+    code, stdout, stderr = _run("finetune", str(ckpt), "--steps", "3", "--batch-size", "4", "--seq-len", "32",
+                                "--out", str(tmp_path / "ft"), "--json")
+    assert code == 0, stderr
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert len(res["losses"]) == 3 and all(l == l for l in res["losses"])
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
