@@ -4,11 +4,13 @@
 sm_80 and sm_90 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))``. The
 signature, the integers specialized to constants and the ``tt.divisibility`` attributes are derived
 from a representative call (a 4096 x 4096 layer, rank 16, group 128) exactly as the JIT's
-specializer would derive them. Registers and local memory (where ptxas puts spilled registers)
-come from ``cuobjdump --dump-resource-usage`` of the cubin (the cuobjdump shipped with triton);
-shared memory is the kernel's ``metadata.shared``. Run under ``TRITON_INTERPRET=1`` it re-runs itself
-without that variable (the interpreter's kernels cannot be compiled). It exits 1 when any config spills or needs more
-shared memory than the architecture offers (232448 bytes on H100, 166912 on A100).
+specializer would derive them. Registers and spills come from ``cuobjdump --dump-resource-usage``
+of the cubin (the cuobjdump shipped with triton): ``spill_bytes`` is the per-thread stack frame plus
+local memory, where ptxas puts spilled registers (ptxas' "bytes spill stores" to within alignment;
+0 exactly when nothing spills). Shared memory is the kernel's ``metadata.shared``. Under
+``TRITON_INTERPRET=1`` it re-runs itself without that variable (interpreted kernels cannot be
+compiled). It exits 1 when any config spills or needs more shared memory than the architecture
+offers (232448 bytes on H100, 166912 on A100).
 """
 from __future__ import annotations
 
@@ -164,7 +166,7 @@ def ast_source(fn, args: dict, constexprs: dict):
 
 
 def _resource_usage(cubin: bytes) -> dict:
-    """REG and LOCAL (bytes of local memory per thread, i.e. spills) from cuobjdump."""
+    """REG, STACK (the per-thread stack frame ptxas spills into), SHARED and LOCAL from cuobjdump."""
     from triton import knobs
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +195,7 @@ def compile_case(case: KernelCase, cfg, cap: int) -> CheckResult:
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     usage = _resource_usage(compiled.asm["cubin"])
     shared = int(compiled.metadata.shared) + usage["static_shared"]
-    spill = usage["local"]
+    spill = usage["stack"] + usage["local"]  # ptxas spills into the stack frame (triton kernels use no other)
     return CheckResult(case.name, f"sm_{cap}", _config_str(cfg), usage["regs"], spill, shared,
                        ok=within_limits(cap, spill, shared))
 
