@@ -12,7 +12,7 @@ setup: $(STAMP)
 # torch is installed first and pinned, so that a CPU machine does not pull a multi-GB CUDA build;
 # the editable install then builds the C++ extension against it (no build isolation, which would
 # fetch torch again).
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -22,13 +22,16 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) -m cloq_engine.demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq prepare --bits 2 --group-size 64 --out out/minilm-2bit
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq eval out/minilm-2bit
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: setup
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/quantize.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq bench quantize
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq bench init
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq bench kernels
 
 clean:
 	rm -rf build *.egg-info cloq_engine/_C*.so

@@ -19,10 +19,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logger = logging.getLogger("cloq")
 
 
-class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
-
-
 # -- argument types: a bad value exits 2 with a message naming the argument ----------------------
 def _positive_int(text: str) -> int:
     try:
@@ -130,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     handler = getattr(commands, f"cmd_{args.command}")
     try:
         return handler(args) or 0
-    except (CLIError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+    except (commands.CLIError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         if args.verbose:
             raise
         print(f"cloq {args.command}: error: {e}", file=sys.stderr)

@@ -14,10 +14,13 @@ from typing import Dict, List, Optional
 import torch
 
 from . import data
-from .cli import CLIError
 from .config import LoRAConfig, QuantConfig
 
 logger = logging.getLogger("cloq")
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
