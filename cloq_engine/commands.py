@@ -41,6 +41,12 @@ def _calibration(args, tokenizer) -> List[torch.Tensor]:
     return blocks
 
 
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _heldout(path: Optional[str]) -> List[str]:
     return data.read_text_file(path) if path else data.heldout_paragraphs()
 
@@ -114,6 +120,8 @@ def cmd_prepare(args) -> int:
           f"mean calibrated error {mean_q:.4f} -> {mean_i:.4f} ({100 * (1 - mean_i / mean_q):.1f}% lower)")
     print(f"time: load {t_load:.1f}s | capture+forward {rep.capture_s:.1f}s | quantize {rep.quantize_s:.1f}s | "
           f"init {rep.init_s:.1f}s | save {t_save:.1f}s | total {time.perf_counter() - t0:.1f}s")
+    print(f"peak memory: {_peak_rss_mib():.0f} MiB resident (process)"
+          + (f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA" if torch.cuda.is_available() else ""))
     print(f"wrote {args.out}")
     if args.json:
         print(json.dumps({"mean_err_quant": mean_q, "mean_err_init": mean_i, "layers": [r.__dict__ for r in rep.layers]}))
@@ -168,18 +176,21 @@ def cmd_compare(args) -> int:
     results = []
     for bits in args.bits:
         for init in args.inits:
-            qc = QuantConfig(bits=bits, group_size=args.group_size, method=args.quantizer)
+            # LoftQ is an uncalibrated method: it alternates with its own RTN quantizer (as in its paper)
+            method = "rtn" if init == "loftq" and args.quantizer == "gptq" else args.quantizer
+            qc = QuantConfig(bits=bits, group_size=args.group_size, method=method)
             lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init)
             t0 = time.perf_counter()
             model = prepare_model(copy.deepcopy(base), qc, lc, calib=calib, progress=not args.no_progress)
             rep = model.cloq_report
             score = ev.score(model)
-            results.append({"bits": bits, "init": init, **score, "prepare_s": time.perf_counter() - t0,
+            results.append({"bits": bits, "init": init, "quantizer": method, **score, "prepare_s": time.perf_counter() - t0,
                             "mean_err_quant": sum(r.err_quant for r in rep.layers) / len(rep.layers),
                             "mean_err_init": sum(r.err_init for r in rep.layers) / len(rep.layers)})
             print(f"  {bits}-bit {init:9s} {ev.metric}={score[ev.metric]:.4f}", file=sys.stderr)
-    keys = [k for k in results[0] if k not in ("bits", "init")]
-    print(_table([[r["init"], r["bits"], *[r[k] for k in keys]] for r in results], ["init", "bits", *keys]))
+    keys = [k for k in results[0] if k not in ("bits", "init", "quantizer")]
+    print(_table([[r["init"], r["bits"], r["quantizer"], *[r[k] for k in keys]] for r in results],
+                 ["init", "bits", "quantizer", *keys]))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "compare.json"), "w") as f:
         json.dump({"model": args.model or "embedded MiniLM", "quantizer": args.quantizer, "group_size": args.group_size,
