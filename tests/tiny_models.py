@@ -42,3 +42,20 @@ def tiny_model(arch: str, seed: int = 0):
 def tiny_calib(num: int = 4, seq_len: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (1, seq_len), generator=g) for _ in range(num)]
+
+
+def prepared_tiny(arch: str, quant=None, use_rslora: bool = False, seed: int = 1):
+    """A tiny model prepared with RTN (4-bit unless ``quant``) + zero init, then given a random
+    LoRA B, so that the LoRA branch matters and every factor gets a gradient from the first step."""
+    import cloq_engine as ce
+    from cloq_engine.nn import QuantLoRALinear
+
+    model = tiny_model(arch)
+    quant = quant or ce.QuantConfig(bits=4, group_size=32, method="rtn")
+    ce.prepare_model(model, quant, ce.LoRAConfig(rank=4, alpha=8, init="zero", use_rslora=use_rslora))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantLoRALinear):
+                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+    return model

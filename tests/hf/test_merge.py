@@ -8,23 +8,15 @@ from torch import nn
 
 import cloq_engine as ce
 from cloq_engine.nn import QuantLoRALinear
-from tiny_models import ARCHS, tiny_calib, tiny_model
+from tiny_models import ARCHS, prepared_tiny, tiny_calib, tiny_model
 
 IDS = tiny_calib(1, seed=3)[0]
 
 
 @functools.lru_cache(maxsize=None)
 def prepared(arch, seed=1):
-    """A tiny model prepared with RTN + zero init, then given random LoRA B so the branch matters
-    (cached: tests copy it before changing it)."""
-    model = tiny_model(arch)
-    ce.prepare_model(model, ce.QuantConfig(bits=3, group_size=32, method="rtn"), ce.LoRAConfig(rank=4, alpha=8, init="zero"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, QuantLoRALinear):
-                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
-    return model
+    """3-bit tiny model with a random LoRA B (cached: tests copy it before changing it)."""
+    return prepared_tiny(arch, quant=ce.QuantConfig(bits=3, group_size=32, method="rtn"), seed=seed)
 
 
 def logits(model, ids=IDS):

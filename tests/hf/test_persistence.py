@@ -10,22 +10,13 @@ import torch
 import cloq_engine as ce
 from cloq_engine.hf import persistence
 from cloq_engine.nn import QuantLoRALinear
-from tiny_models import ARCHS, tiny_calib, tiny_model
+from tiny_models import ARCHS, prepared_tiny, tiny_calib, tiny_model
 
 
 @functools.lru_cache(maxsize=None)
 def prepared(arch, quant=None, seed=1):
-    """A tiny model prepared with RTN + zero init, then given random LoRA B so the branch matters
-    (cached: tests only read it)."""
-    model = tiny_model(arch)
-    quant = quant or ce.QuantConfig(bits=4, group_size=32, method="rtn")
-    ce.prepare_model(model, quant, ce.LoRAConfig(rank=4, alpha=8, init="zero"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, QuantLoRALinear):
-                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
-    return model
+    """Cached: tests only read it."""
+    return prepared_tiny(arch, quant=quant, seed=seed)
 
 
 def logits(model, ids):

@@ -7,20 +7,11 @@ import torch
 
 import cloq_engine as ce
 from cloq_engine.nn import QuantLoRALinear
-from tiny_models import tiny_calib, tiny_model
+from tiny_models import prepared_tiny, tiny_calib, tiny_model
 
 
 def prepared(arch="llama", seed=1):
-    """A tiny model prepared with RTN + zero init, then given random LoRA B so every factor gets a
-    gradient from the first step."""
-    model = tiny_model(arch)
-    ce.prepare_model(model, ce.QuantConfig(bits=4, group_size=32, method="rtn"), ce.LoRAConfig(rank=4, alpha=8, init="zero"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, QuantLoRALinear):
-                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
-    return model
+    return prepared_tiny(arch, seed=seed)
 
 
 def examples(num=8, seq_len=16):
