@@ -120,7 +120,10 @@ def cmd_prepare(args) -> int:
           f"mean calibrated error {mean_q:.4f} -> {mean_i:.4f} ({100 * (1 - mean_i / mean_q):.1f}% lower)")
     print(f"time: load {t_load:.1f}s | capture+forward {rep.capture_s:.1f}s | quantize {rep.quantize_s:.1f}s | "
           f"init {rep.init_s:.1f}s | save {t_save:.1f}s | total {time.perf_counter() - t0:.1f}s")
-    print(f"peak memory: {_peak_rss_mib():.0f} MiB resident (process)"
+    from .backends import active_backend
+
+    print(f"backend: {active_backend(next(model.parameters()).device)} | "
+          f"peak memory: {_peak_rss_mib():.0f} MiB resident (process)"
           + (f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA" if torch.cuda.is_available() else ""))
     print(f"wrote {args.out}")
     if args.json:
