@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from cloq_engine.cli import main
 
@@ -83,3 +84,37 @@ def test_finetune_runs_trainer_and_saves_adapter(tmp_path):
     res = json.loads(stdout.strip().splitlines()[-1])
     assert len(res["losses"]) == 3 and all(l == l for l in res["losses"])
     assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_dir(tmp_path_factory):
+    """A tiny random Llama saved with the embedded tokenizer, standing in for a local decoder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from cloq_engine import data
+
+    tok = AutoTokenizer.from_pretrained(data.minilm_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         architectures=["LlamaForCausalLM"])
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_decoder_prepare_eval_finetune_report_perplexity(tiny_causal_dir, tmp_path):
+    ck = tmp_path / "ck"
+    code, _, stderr = _run("prepare", "--model", str(tiny_causal_dir), "--bits", "4", "--group-size", "32",
+                           "--out", str(ck), "--samples", "4", "--seq-len", "32", "--no-progress")
+    assert code == 0, stderr
+    code, stdout, stderr = _run("eval", str(ck), "--samples", "4", "--json")
+    assert code == 0, stderr
+    res = json.loads(stdout.strip().splitlines()[-1])
+    ppl, base_ppl = res["score"]["perplexity"], res["full_precision"]["perplexity"]
+    assert 1 < ppl < 1e6 and abs(ppl - base_ppl) / base_ppl < 0.5  # a random model: ppl ~ vocab size
+    code, stdout, stderr = _run("finetune", str(ck), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                                "--out", str(tmp_path / "ft"), "--json")
+    assert code == 0, stderr
+    assert len(json.loads(stdout.strip().splitlines()[-1])["losses"]) == 2
