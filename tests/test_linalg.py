@@ -1,0 +1,126 @@
+"""cloq_engine.linalg: damped Cholesky, triangular solves, truncated SVDs of R·L, balanced splits."""
+import warnings
+
+import pytest
+import torch
+
+from cloq_engine import linalg
+
+
+def _gram(t, n, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(t, n, generator=g, dtype=dtype)
+    return X.T @ X
+
+
+def _low_rank_plus_noise(m, n, decay, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))
+    s = decay ** torch.arange(min(m, n), dtype=torch.float64)
+    return (U * s) @ V.T
+
+
+def test_damped_cholesky_pd_uses_requested_damping_without_warning():
+    H = _gram(200, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L, lam = linalg.damped_cholesky(H, damp=1e-3)
+    assert lam == pytest.approx(1e-3 * float(H.diagonal().mean()))
+    torch.testing.assert_close(L @ L.T, H + lam * torch.eye(40, dtype=H.dtype), rtol=1e-10, atol=1e-10)
+    assert torch.equal(L, L.tril())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_damped_cholesky_singular_H_warns_once_and_succeeds(dtype):
+    H = _gram(5, 32, dtype=dtype)  # rank 5 of 32
+    H[3, :] = 0
+    H[:, 3] = 0  # a dead channel
+    with pytest.warns(linalg.DampingWarning) as record:
+        L, lam = linalg.damped_cholesky(H, damp=0.0)
+    assert len(record) == 1
+    assert lam > 0
+    assert torch.isfinite(L).all()
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(L @ L.T, H + lam * torch.eye(32, dtype=dtype), rtol=tol, atol=tol * float(H.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(H=torch.eye(3), damp=-1.0), "damp"),
+        (dict(H=torch.eye(3), max_tries=0), "max_tries"),
+        (dict(H=torch.eye(3), growth=1.0), "growth"),
+        (dict(H=torch.ones(3, 4)), "square"),
+        (dict(H=torch.zeros(3, 3)), "mean diagonal"),
+    ],
+)
+def test_damped_cholesky_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        linalg.damped_cholesky(**kwargs)
+
+
+def test_solve_right_lower_matches_inverse():
+    L, _ = linalg.damped_cholesky(_gram(100, 30), damp=1e-2)
+    C = torch.randn(7, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(linalg.solve_right_lower(C, L), C @ torch.linalg.inv(L), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("solve", [linalg.spd_solve_left, linalg.spd_solve_right])
+def test_spd_solves_match_dense_solve(solve):
+    G = _gram(50, 8)
+    C = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    X = solve(G, C)
+    torch.testing.assert_close(G @ X if solve is linalg.spd_solve_left else X @ G, C, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("m, n, rank, whiten", [(120, 80, 10, False), (60, 150, 8, True), (100, 100, 30, True)])
+def test_randomized_svd_matches_exact_on_decaying_spectrum(m, n, rank, whiten):
+    R = _low_rank_plus_noise(m, n, decay=0.85)
+    L = linalg.damped_cholesky(_gram(3 * n, n, seed=3), damp=1e-3)[0] if whiten else None
+    ex = linalg.exact_svd(R, rank, L)
+    rs = linalg.randomized_svd(R, rank, L, seed=0)
+    torch.testing.assert_close(rs.S, ex.S, rtol=1e-6, atol=1e-12)
+    E = R if L is None else R @ L
+    # same rank-r approximation
+    torch.testing.assert_close((rs.U * rs.S) @ rs.Vh, (ex.U * ex.S) @ ex.Vh, rtol=1e-5, atol=1e-8 * float(E.norm()))
+    torch.testing.assert_close(rs.U.T @ rs.U, torch.eye(rank, dtype=R.dtype), rtol=0, atol=1e-10)
+
+
+def test_randomized_svd_more_power_iterations_help_on_flat_spectrum():
+    R = _low_rank_plus_noise(200, 200, decay=0.995)
+    exact_tail = float(R.pow(2).sum() - linalg.exact_svd(R, 20).S.pow(2).sum())
+    tails = [float(R.pow(2).sum() - linalg.randomized_svd(R, 20, oversample=4, power_iters=q).S.pow(2).sum())
+             for q in (0, 4)]
+    assert tails[1] < tails[0]
+    assert tails[1] >= exact_tail * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(oversample=-1), "oversample"), (dict(power_iters=-2), "power_iters")])
+def test_randomized_svd_rejects_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        linalg.randomized_svd(torch.randn(10, 10), 2, **kwargs)
+
+
+def test_truncated_svd_rejects_unknown_method():
+    with pytest.raises(ValueError, match="svd"):
+        linalg.truncated_svd(torch.randn(10, 10), 2, method="lanczos")
+
+
+@pytest.mark.parametrize(
+    "shape, rank, expected",
+    [((384, 384), 16, "exact"), ((4096, 4096), 64, "randomized"), ((11008, 4096), 64, "randomized"),
+     ((4096, 1536), 512, "exact"), ((2048, 2048), 16, "randomized")],
+)
+def test_choose_svd(shape, rank, expected):
+    assert linalg.choose_svd(shape, rank) == expected
+
+
+@pytest.mark.parametrize("scaling", [1.0, 0.25, 4.0])
+def test_balanced_split_and_rebalance_keep_the_product(scaling):
+    g = torch.Generator().manual_seed(4)
+    P, A0 = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randn(5, 40, generator=g, dtype=torch.float64)
+    B, A = linalg.rebalance(P, A0, scaling)
+    torch.testing.assert_close(scaling * B @ A, P @ A0, rtol=1e-10, atol=1e-10)
+    # balanced: B^T B and A A^T are the same diagonal matrix
+    torch.testing.assert_close(B.T @ B, A @ A.T, rtol=1e-8, atol=1e-10)
