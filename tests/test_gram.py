@@ -1,58 +1,44 @@
-"""GramAccumulator: H = sum x^T x over (..., in) inputs, fp32 (or fp64) accumulation."""
+"""GramAccumulator: fp32 (or fp64) accumulation of X^T X from fp16/bf16/fp32 activations."""
+import warnings
+
 import pytest
 import torch
 
-from cloq_engine import GramAccumulator
+import cloq_engine as ce
+from cloq_engine.linalg import DampingWarning, damped_cholesky
 
 
-@pytest.mark.parametrize(
-    "x_dtype, acc_dtype, rtol",
-    [
-        (torch.float16, torch.float32, 1e-5),
-        (torch.bfloat16, torch.float32, 1e-5),
-        (torch.float32, torch.float32, 1e-5),
-        (torch.float32, torch.float64, 1e-12),
-        (torch.float64, torch.float64, 1e-12),
-    ],
-)
-def test_gram_matches_fp64_reference_of_the_same_inputs(x_dtype, acc_dtype, rtol):
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(2, 17, 24, generator=g).to(x_dtype), torch.randn(9, 24, generator=g).to(x_dtype)]
-    acc = GramAccumulator(24, dtype=acc_dtype)
-    for x in xs:
-        acc.add(x)
-    X = torch.cat([x.reshape(-1, 24).double() for x in xs])
-    ref = X.T @ X
-    assert acc.H.dtype == acc_dtype
-    assert acc.count == 2 * 17 + 9
-    torch.testing.assert_close(acc.H.double(), ref, rtol=rtol, atol=rtol * float(ref.abs().max()))
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_accumulates_gram_in_float32(dtype, tol):
+    torch.manual_seed(0)
+    chunks = [torch.randn(2, 7, 24).to(dtype) for _ in range(3)]
+    acc = ce.GramAccumulator(24)
+    for c in chunks:
+        acc.add(c)
+    X = torch.cat([c.reshape(-1, 24) for c in chunks]).double()
+    assert acc.H.dtype == torch.float32 and acc.count == 42
+    torch.testing.assert_close(acc.H.double(), X.t() @ X, rtol=tol, atol=tol * 10)
 
 
-def test_gram_is_symmetric_psd():
-    acc = GramAccumulator(16).add(torch.randn(5, 16))
-    torch.testing.assert_close(acc.H, acc.H.T)
-    assert float(torch.linalg.eigvalsh(acc.H.double()).min()) > -1e-6 * float(acc.H.abs().max())
+def test_float64_option_and_errors():
+    acc = ce.GramAccumulator(8, dtype=torch.float64, name="blk.q")
+    acc.add(torch.randn(5, 8))
+    assert acc.H.dtype == torch.float64
+    with pytest.raises(ValueError, match="in_features=8"):
+        acc.add(torch.randn(5, 9))
+    with pytest.raises(ValueError, match=r"'blk\.q'.*NaN"):
+        acc.add(torch.tensor([[float("nan")] * 8]))
+    with pytest.raises(ValueError, match="dtype"):
+        ce.GramAccumulator(8, dtype=torch.float16)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_gram_nonfinite_activation_names_the_layer(bad):
-    acc = GramAccumulator(4, name="model.layers.0.mlp.up_proj")
-    x = torch.ones(3, 4)
-    x[1, 2] = bad
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj.*NaN or Inf"):
-        acc.add(x)
-    assert acc.count == 0
-
-
-@pytest.mark.parametrize(
-    "make, match",
-    [
-        (lambda: GramAccumulator(0), "in_features"),
-        (lambda: GramAccumulator(4, dtype=torch.float16), "dtype"),
-        (lambda: GramAccumulator(4).add(torch.ones(2, 5)), "in_features=4"),
-        (lambda: GramAccumulator(4).add(torch.ones(2, 4, dtype=torch.int32)), "dtype"),
-    ],
-)
-def test_gram_rejects_bad_input(make, match):
-    with pytest.raises(ValueError, match=match):
-        make()
+def test_damped_cholesky_grows_damping_once_on_singular_h():
+    X = torch.randn(3, 10, dtype=torch.float64)
+    H = X.t() @ X  # rank 3
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        L, lam = damped_cholesky(H, damp=0.0)
+    assert sum(issubclass(x.category, DampingWarning) for x in w) == 1 and lam > 0
+    torch.testing.assert_close(L @ L.t(), H + lam * torch.eye(10, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        damped_cholesky(-torch.eye(4))
