@@ -83,14 +83,21 @@ def solve_right_lower(C: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
 
 
 def spd_solve_right(G: torch.Tensor, C: torch.Tensor, damp: float = 1e-10) -> torch.Tensor:
-    """``X`` with ``X·G = C`` for a small symmetric PSD ``G`` (r×r), through a damped Cholesky."""
+    """``X`` with ``X·G = C`` for a small symmetric PSD ``G`` (r×r), through a damped Cholesky.
+
+    ``G = 0`` (factors that are exactly zero, e.g. ``W - Q = 0``) gives ``X = 0``.
+    """
+    if mean_diag(G) <= 0:
+        return torch.zeros_like(C)
     L, _ = damped_cholesky(G, damp=damp, warn=False, max_tries=20)
     # X G = C  <=>  G X^T = C^T (G symmetric)
     return torch.cholesky_solve(C.transpose(0, 1), L).transpose(0, 1)
 
 
 def spd_solve_left(G: torch.Tensor, C: torch.Tensor, damp: float = 1e-10) -> torch.Tensor:
-    """``X`` with ``G·X = C`` for a small symmetric PSD ``G`` (r×r), through a damped Cholesky."""
+    """``X`` with ``G·X = C`` for a small symmetric PSD ``G`` (r×r), through a damped Cholesky (``G = 0``: 0)."""
+    if mean_diag(G) <= 0:
+        return torch.zeros_like(C)
     L, _ = damped_cholesky(G, damp=damp, warn=False, max_tries=20)
     return torch.cholesky_solve(C, L)
 

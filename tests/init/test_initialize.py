@@ -165,3 +165,12 @@ def test_factors_stay_on_the_cuda_device(method):
     assert A.is_cuda and B.is_cuda
     Ac, Bc = ce.init_lora(W, qw, H, 4, method=method, svd="exact") if method != "zero" else (A.cpu(), B.cpu())
     torch.testing.assert_close((B @ A).cpu(), Bc @ Ac, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["cloq", "quailora", "loftq"])
+def test_exactly_representable_weight_gives_zero_factors(method):
+    W, H = _layer()
+    qw = ce.quantize_weight(W, RTN2)
+    A, B = ce.init_lora(qw.dequantize(), qw, H, 4, method=method)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
+    assert float((B @ A).abs().max()) == 0.0
