@@ -72,6 +72,11 @@ def gram_syrk_kernel(
         acc = tl.dot(tl.trans(xi), xj, acc, input_precision=DOT_PRECISION)
 
     # ---------------------------------------------------------------- H[i, j] += acc; H[j, i] += acc^T
+    # A diagonal tile is a general product of two loads, and the MMA (or BLAS in the interpreter)
+    # need not round (r, c) and (c, r) alike; averaging with its transpose makes it exactly
+    # symmetric (float addition commutes, the halving is exact), so H stays symmetric bit for bit.
+    if i == j:
+        acc = (acc + tl.trans(acc)) * 0.5
     mask = mask_i[:, None] & mask_j[None, :]
     p_ij = h_ptr + offs_i[:, None] * stride_hi + offs_j[None, :] * stride_hj
     tl.store(p_ij, tl.load(p_ij, mask=mask, other=0.0) + acc, mask=mask)
