@@ -15,6 +15,7 @@ from torch import nn
 
 from . import backends
 from .config import LoRAConfig, QuantConfig
+from .convert import build_layer, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
 from .formats import QuantizedWeight, packed_rows
 
 QUANT_BUFFERS = ("qweight", "scales", "zeros")
@@ -121,9 +122,7 @@ class QuantLoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig,
                     H: Optional[torch.Tensor] = None) -> "QuantLoRALinear":
         """Quantize ``linear`` (nn.Linear or transformers' Conv1D) and initialise its LoRA factors."""
-        from .hf.prepare import build_layer
-
-        return build_layer("", linear, quant_config, lora_config, H)
+        return build_layer(linear, quant_config, lora_config, H, layer_cls=cls)
 
     # -- views ---------------------------------------------------------------------------------
     @property
@@ -166,16 +165,3 @@ class QuantLoRALinear(nn.Module):
                 f"group_size={self.group_size}, method={self.method}, rank={self.rank}, "
                 f"scaling={self.scaling:g}, bias={self.bias is not None}")
 
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D (weight stored (in, out))."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of an nn.Linear or Conv1D in nn.Linear's (out, in) orientation."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    if is_conv1d(module):
-        return module.weight.detach().t()
-    raise TypeError(f"expected nn.Linear or Conv1D; got {type(module).__name__}")

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from ..config import LoRAConfig, QuantConfig
-from ..nn import QUANT_BUFFERS, QuantLoRALinear, linear_weight
-from .prepare import mark_trainable
-from .targets import replace_modules
+from ..convert import linear_weight, mark_trainable, replace_modules
+from ..nn import QUANT_BUFFERS, QuantLoRALinear
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
+from ..convert import mark_trainable
 from .persistence import QUANT_METHOD, WEIGHTS_NAME, parse_record, swap_in_empty_layers, tie_aliases
-from .prepare import mark_trainable
 
 logger = logging.getLogger(__name__)
 
