@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="quantize a model and initialise its LoRA factors")
     _add_quant_args(p)
     p.add_argument("--init", choices=("cloq", "quailora", "loftq", "zero"), default="cloq")
-    p.add_argument("--out", required=True, help="checkpoint directory to write (atomically)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (atomically); a new or empty "
+                   "directory, or a previous cloq checkpoint with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous cloq checkpoint at --out")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
 
     p = sub.add_parser("eval", help="evaluate a prepared checkpoint against its full-precision model")
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--seq-len", type=_positive_int, default=128)
     p.add_argument("--out", default=None, help="where to save (default: <checkpoint>-ft)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous cloq checkpoint at --out")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")

@@ -93,6 +93,16 @@ class Evaluator:
 
 
 # -- prepare ----------------------------------------------------------------------------------------
+def _check_out(out: str, overwrite: bool, inputs: List[str]) -> str:
+    """Refuse a dangerous --out before any work (see hf/output_dir.py)."""
+    from .hf.output_dir import check_output_dir
+
+    try:
+        return check_output_dir(out, overwrite=overwrite, inputs=inputs, flag="--overwrite")
+    except ValueError as e:
+        raise CLIError(str(e).replace("output directory", "--out", 1)) from None
+
+
 def cmd_prepare(args) -> int:
     from .hf import prepare_model
     from .hf.persistence import save_pretrained
@@ -100,6 +110,7 @@ def cmd_prepare(args) -> int:
 
     t0 = time.perf_counter()
     model_path = args.model or data.minilm_path()
+    out = _check_out(args.out, args.overwrite, [model_path])
     model, tok = data.load_model(model_path)
     qc, lc = _configs(args, args.init)
     calib = _calibration(args, tok)
@@ -108,7 +119,7 @@ def cmd_prepare(args) -> int:
     model.cloq_config["base_model"] = os.path.abspath(model_path)
     attach_quantization_config(model)
     t1 = time.perf_counter()
-    save_pretrained(model, args.out, tokenizer=tok)
+    save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
     t_save = time.perf_counter() - t1
     rep = model.cloq_report
     rows = [[r.name, "x".join(map(str, r.shape)), r.err_quant, r.err_init, f"{r.bits_per_weight:.2f}"] for r in rep.layers]
@@ -232,10 +243,11 @@ def _plot(results, metric, path, args) -> None:
 def cmd_finetune(args) -> int:
     from .finetune import finetune
 
+    out = args.out or os.path.abspath(args.checkpoint).rstrip("/") + "-ft"
+    out = _check_out(out, args.overwrite, [args.checkpoint])
     model, tok, qcfg = _load_checkpoint(args.checkpoint)
     base, base_tok = _base_model(None, qcfg)
     tok = tok or base_tok
-    out = args.out or args.checkpoint.rstrip("/") + "-ft"
     ev = Evaluator(base, tok, data.heldout_paragraphs(), 128)
     before = ev.score(model)
     paras = data.read_text_file(args.data) if args.data else data.calibration_paragraphs()
@@ -245,7 +257,7 @@ def cmd_finetune(args) -> int:
     from .hf.peft_interop import export_peft_adapter
     from .hf.persistence import save_pretrained
 
-    save_pretrained(model, out, tokenizer=tok)
+    save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
     export_peft_adapter(model, os.path.join(out, "adapter"))
     m = ev.metric
     print(_table([["before", before[m]], ["after", after[m]], ["full precision", ev.base_score[m]]], ["model", m]))
