@@ -171,7 +171,9 @@ def _forward_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tens
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     S = torch.mm(x if x_lora is None else x_lora, A.t())
     path = forward_path(x.shape[0])
-    if path == Path.GEMV:
+    if x.shape[0] == 0:  # nothing to launch
+        y = x.new_zeros((0, qweight.shape[1]))
+    elif path == Path.GEMV:
         y = gemv(x, qweight, scales, zeros, _codebook(scales, zeros), S, B, bias, scaling, bits, group_size, K,
                  scratch=_gemv_scratch(x.device))
     elif path == Path.FUSED:
@@ -206,7 +208,9 @@ def _(dy, x_lora, S, lora_A, lora_B, scaling):
 def _input_grad_op(dy: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], dS: Optional[Tensor],
                    lora_A: Tensor, bits: int, group_size: int, in_features: int, out_dtype: torch.dtype) -> Tensor:
     A = lora_A.to(dy.dtype)
-    if backward_path(dy.shape[0]) == Path.FUSED:
+    if dy.shape[0] == 0:
+        dx = dy.new_zeros((0, in_features))
+    elif backward_path(dy.shape[0]) == Path.FUSED:
         dx = dequant_gemm_t(dy, qweight, scales, zeros, _codebook(scales, zeros), dS, A, bits, group_size,
                             in_features, out_dtype)
     else:

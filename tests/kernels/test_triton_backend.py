@@ -216,3 +216,14 @@ def test_large_m_takes_dequant_mm_and_reuses_one_workspace_across_layers(monkeyp
     # one buffer, sized for the largest product ([K + r, N] forward, [K, N + r] backward), reused
     assert workspace.nbytes("cpu") == 4 * max((K + RANK) * N, K * (N + RANK))
     workspace.clear()
+
+
+def test_zero_tokens_give_empty_outputs_and_zero_gradients():
+    K = 64
+    _, qw = make_weight(4, 32, N, K)
+    A, B = make_lora(RANK, N, K)
+    x = torch.zeros(0, K)
+    y, S = tb.forward(x, qw, A, B, SCALING)
+    assert y.shape == (0, N) and S.shape == (0, RANK)
+    dx, _, dA, dB = tb.backward(torch.zeros(0, N), x, S, qw, A, B, SCALING)
+    assert dx.shape == (0, K) and not dA.any() and not dB.any()
