@@ -119,6 +119,12 @@ def _gemv_scratch(device):
 # ---------------------------------------------------------------------------------------------
 # The dequant + cuBLAS products
 # ---------------------------------------------------------------------------------------------
+def _padded_rank(r: int) -> int:
+    """The rank rounded up to 8, so the concatenated operands keep 16-byte aligned rows for cuBLAS
+    (the pad rows/columns are zero in both operands)."""
+    return -(-r // 8) * 8
+
+
 def _dequant_mm_forward(x: Tensor, qweight, scales, zeros, S: Tensor, B: Tensor, bias: Optional[Tensor],
                         scaling: float, bits: int, group_size: int) -> Tensor:
     """y = x·Ŵᵀ + scaling·S·Bᵀ (+ bias) with one dequant launch and one (or two) cuBLAS calls."""
@@ -127,12 +133,16 @@ def _dequant_mm_forward(x: Tensor, qweight, scales, zeros, S: Tensor, B: Tensor,
     bias = None if bias is None else bias.to(x.dtype)
     codebook = _codebook(scales, zeros)
     if lora_fold() == LoraFold.CONCAT:
-        W1 = workspace.buffer((K + r, N), x.dtype, x.device)  # [Ŵᵀ ; s·Bᵀ]
+        rp = _padded_rank(r)
+        W1 = workspace.buffer((K + rp, N), x.dtype, x.device)  # [Ŵᵀ ; s·Bᵀ ; 0]
         dequant_into(W1[:K], qweight, scales, zeros, codebook, bits, group_size, K)
-        torch.mul(B.t(), scaling, out=W1[K:])
-        xs = torch.empty((M, K + r), dtype=x.dtype, device=x.device)  # [x | S]
+        torch.mul(B.t(), scaling, out=W1[K:K + r])
+        xs = torch.empty((M, K + rp), dtype=x.dtype, device=x.device)  # [x | S | 0]
         xs[:, :K].copy_(x)
-        xs[:, K:].copy_(S)
+        xs[:, K:K + r].copy_(S)
+        if rp > r:
+            W1[K + r:].zero_()
+            xs[:, K + r:].zero_()
         return torch.mm(xs, W1) if bias is None else torch.addmm(bias, xs, W1)
     Wt = workspace.buffer((K, N), x.dtype, x.device)
     dequant_into(Wt, qweight, scales, zeros, codebook, bits, group_size, K)
@@ -147,12 +157,16 @@ def _dequant_mm_input_grad(dy: Tensor, qweight, scales, zeros, dS: Optional[Tens
     codebook = _codebook(scales, zeros)
     if dS is not None and lora_fold() == LoraFold.CONCAT:
         r = dS.shape[1]
-        W2 = workspace.buffer((K, N + r), dy.dtype, dy.device)  # [Ŵᵀ | Aᵀ]
+        rp = _padded_rank(r)
+        W2 = workspace.buffer((K, N + rp), dy.dtype, dy.device)  # [Ŵᵀ | Aᵀ | 0]
         dequant_into(W2[:, :N], qweight, scales, zeros, codebook, bits, group_size, K)
-        W2[:, N:].copy_(A.t())
-        dys = torch.empty((M, N + r), dtype=dy.dtype, device=dy.device)  # [dY | dS]
+        W2[:, N:N + r].copy_(A.t())
+        dys = torch.empty((M, N + rp), dtype=dy.dtype, device=dy.device)  # [dY | dS | 0]
         dys[:, :N].copy_(dy)
-        dys[:, N:].copy_(dS)
+        dys[:, N:N + r].copy_(dS)
+        if rp > r:
+            W2[:, N + r:].zero_()
+            dys[:, N + r:].zero_()
         return torch.mm(dys, W2.t())
     Wt = workspace.buffer((K, N), dy.dtype, dy.device)
     dequant_into(Wt, qweight, scales, zeros, codebook, bits, group_size, K)
