@@ -152,7 +152,7 @@ def run_variant(variant: str, args, device) -> Row:
             loss = step()
             times.append(1e3 * (time.perf_counter() - t))
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    row = Row(variant, first, statistics.median(times), peak, sum(p.numel() for p in params), float(loss),
+    row = Row(variant, first, statistics.median(times), peak, sum(p.numel() for p in params), float(loss.detach()),
               torch.cuda.get_device_name() if cuda else "cpu")
     del model, opt, params
     gc.collect()

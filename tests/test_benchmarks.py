@@ -33,3 +33,15 @@ def test_train_without_a_gpu_says_so_and_succeeds(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _load("train").main(["--variants", "w4"]) == 0
     assert "no GPU" in capsys.readouterr().out
+
+
+def test_kernels_smoke_runs_every_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLOQ_BACKEND", "triton")  # the smoke run sets both; restored after the test
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "kernels.json"
+    assert _load("kernels").main(["--smoke", "--bits", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    seen = {(r["op"], r["variant"], r["m"]) for r in rows}
+    assert {("fwd", "gemv", 1), ("fwd", "fused", 40), ("fwd", "dequant_mm:concat", 40), ("fwd", "dequant_mm:addmm", 1),
+            ("fwd", "dense", 40), ("step", "auto", 40), ("step", "dense", 40)} <= seen
+    assert "CLOQ_TRITON_PATH" not in __import__("os").environ

@@ -119,6 +119,12 @@ def _gemv_scratch(device):
 # ---------------------------------------------------------------------------------------------
 # The dequant + cuBLAS products
 # ---------------------------------------------------------------------------------------------
+def _padded_rank(r: int) -> int:
+    """The rank rounded up to 8, so the concatenated operands keep 16-byte aligned rows for cuBLAS
+    (the pad rows/columns are zero in both operands)."""
+    return -(-r // 8) * 8
+
+
 def _dequant_mm_forward(x: Tensor, qweight, scales, zeros, S: Tensor, B: Tensor, bias: Optional[Tensor],
                         scaling: float, bits: int, group_size: int) -> Tensor:
     """y = x·Ŵᵀ + scaling·S·Bᵀ (+ bias) with one dequant launch and one (or two) cuBLAS calls."""
@@ -127,12 +133,16 @@ def _dequant_mm_forward(x: Tensor, qweight, scales, zeros, S: Tensor, B: Tensor,
     bias = None if bias is None else bias.to(x.dtype)
     codebook = _codebook(scales, zeros)
     if lora_fold() == LoraFold.CONCAT:
-        W1 = workspace.buffer((K + r, N), x.dtype, x.device)  # [Ŵᵀ ; s·Bᵀ]
+        rp = _padded_rank(r)
+        W1 = workspace.buffer((K + rp, N), x.dtype, x.device)  # [Ŵᵀ ; s·Bᵀ ; 0]
         dequant_into(W1[:K], qweight, scales, zeros, codebook, bits, group_size, K)
-        torch.mul(B.t(), scaling, out=W1[K:])
-        xs = torch.empty((M, K + r), dtype=x.dtype, device=x.device)  # [x | S]
+        torch.mul(B.t(), scaling, out=W1[K:K + r])
+        xs = torch.empty((M, K + rp), dtype=x.dtype, device=x.device)  # [x | S | 0]
         xs[:, :K].copy_(x)
-        xs[:, K:].copy_(S)
+        xs[:, K:K + r].copy_(S)
+        if rp > r:
+            W1[K + r:].zero_()
+            xs[:, K + r:].zero_()
         return torch.mm(xs, W1) if bias is None else torch.addmm(bias, xs, W1)
     Wt = workspace.buffer((K, N), x.dtype, x.device)
     dequant_into(Wt, qweight, scales, zeros, codebook, bits, group_size, K)
@@ -147,12 +157,16 @@ def _dequant_mm_input_grad(dy: Tensor, qweight, scales, zeros, dS: Optional[Tens
     codebook = _codebook(scales, zeros)
     if dS is not None and lora_fold() == LoraFold.CONCAT:
         r = dS.shape[1]
-        W2 = workspace.buffer((K, N + r), dy.dtype, dy.device)  # [Ŵᵀ | Aᵀ]
+        rp = _padded_rank(r)
+        W2 = workspace.buffer((K, N + rp), dy.dtype, dy.device)  # [Ŵᵀ | Aᵀ | 0]
         dequant_into(W2[:, :N], qweight, scales, zeros, codebook, bits, group_size, K)
-        W2[:, N:].copy_(A.t())
-        dys = torch.empty((M, N + r), dtype=dy.dtype, device=dy.device)  # [dY | dS]
+        W2[:, N:N + r].copy_(A.t())
+        dys = torch.empty((M, N + rp), dtype=dy.dtype, device=dy.device)  # [dY | dS | 0]
         dys[:, :N].copy_(dy)
-        dys[:, N:].copy_(dS)
+        dys[:, N:N + r].copy_(dS)
+        if rp > r:
+            W2[:, N + r:].zero_()
+            dys[:, N + r:].zero_()
         return torch.mm(dys, W2.t())
     Wt = workspace.buffer((K, N), dy.dtype, dy.device)
     dequant_into(Wt, qweight, scales, zeros, codebook, bits, group_size, K)
@@ -171,7 +185,9 @@ def _forward_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tens
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     S = torch.mm(x if x_lora is None else x_lora, A.t())
     path = forward_path(x.shape[0])
-    if path == Path.GEMV:
+    if x.shape[0] == 0:  # nothing to launch
+        y = x.new_zeros((0, qweight.shape[1]))
+    elif path == Path.GEMV:
         y = gemv(x, qweight, scales, zeros, _codebook(scales, zeros), S, B, bias, scaling, bits, group_size, K,
                  scratch=_gemv_scratch(x.device))
     elif path == Path.FUSED:
@@ -206,7 +222,9 @@ def _(dy, x_lora, S, lora_A, lora_B, scaling):
 def _input_grad_op(dy: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], dS: Optional[Tensor],
                    lora_A: Tensor, bits: int, group_size: int, in_features: int, out_dtype: torch.dtype) -> Tensor:
     A = lora_A.to(dy.dtype)
-    if backward_path(dy.shape[0]) == Path.FUSED:
+    if dy.shape[0] == 0:
+        dx = dy.new_zeros((0, in_features))
+    elif backward_path(dy.shape[0]) == Path.FUSED:
         dx = dequant_gemm_t(dy, qweight, scales, zeros, _codebook(scales, zeros), dS, A, bits, group_size,
                             in_features, out_dtype)
     else:

@@ -216,3 +216,35 @@ def test_large_m_takes_dequant_mm_and_reuses_one_workspace_across_layers(monkeyp
     # one buffer, sized for the largest product ([K + r, N] forward, [K, N + r] backward), reused
     assert workspace.nbytes("cpu") == 4 * max((K + RANK) * N, K * (N + RANK))
     workspace.clear()
+
+
+def test_zero_tokens_give_empty_outputs_and_zero_gradients():
+    K = 64
+    _, qw = make_weight(4, 32, N, K)
+    A, B = make_lora(RANK, N, K)
+    x = torch.zeros(0, K)
+    y, S = tb.forward(x, qw, A, B, SCALING)
+    assert y.shape == (0, N) and S.shape == (0, RANK)
+    dx, _, dA, dB = tb.backward(torch.zeros(0, N), x, S, qw, A, B, SCALING)
+    assert dx.shape == (0, K) and not dA.any() and not dB.any()
+
+
+@pytest.mark.parametrize("rank", [5, 8])
+def test_concat_fold_pads_an_odd_rank_with_zeros(monkeypatch, rank):
+    from cloq_engine.backends import workspace
+
+    monkeypatch.setenv("CLOQ_TRITON_PATH", "dequant_mm")
+    monkeypatch.setenv("CLOQ_LORA_FOLD", "concat")
+    K, m = 64, 6
+    _, qw = make_weight(2, 32, N, K)
+    A, B = make_lora(rank, N, K)
+    workspace.clear()
+    workspace.buffer((4096,), torch.float32, "cpu").fill_(float("nan"))  # stale contents must not leak in
+    x, dy = randn(m, K), randn(m, N, seed=3)
+    y, S = tb.forward(x, qw, A, B, SCALING)
+    y_ref, S_ref = torch_ref.forward(x, qw, A, B, SCALING)
+    assert_rel_close(y, y_ref, 2e-5, "y")
+    workspace.buffer((4096,), torch.float32, "cpu").fill_(float("nan"))
+    dx = tb.backward(dy, x, S, qw, A, B, SCALING)[0]
+    assert_rel_close(dx, torch_ref.backward(dy, x, S_ref, qw, A, B, SCALING)[0], 2e-5, "dx")
+    workspace.clear()
