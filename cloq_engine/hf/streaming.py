@@ -203,7 +203,7 @@ def _outside_state(model: nn.Module, stack_name: str):
 def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: LoRAConfig,
                        calib: Optional[Iterable] = None, *, resume: bool = False, device=None,
                        dtype: Optional[torch.dtype] = None, true_sequential: bool = True, batch_size: int = 8,
-                       report: str = "sampled", progress: bool = False) -> str:
+                       report: str = "sampled", progress: bool = False, tokenizer=None) -> str:
     """Prepare the Hugging Face checkpoint at ``model_path`` block by block and write the prepared
     checkpoint to ``out`` (as :func:`save_pretrained` would), in bounded memory.
 
@@ -317,6 +317,8 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
         gen = getattr(model, "generation_config", None)
         if gen is not None and hasattr(gen, "save_pretrained"):
             gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out)
     shutil.rmtree(partial, ignore_errors=True)
     logger.info("prepared %d blocks of %s into %s in %.1f s", len(blocks), model_path, out, rep.total_s)
