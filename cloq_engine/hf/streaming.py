@@ -7,6 +7,10 @@ loads its weights from the shards, calibrates/quantizes it with the same driver 
 its tensors and frees it. Peak memory: one block, the calibration activations and the
 embeddings, whatever the depth.
 
+On a CPU, glibc's dynamic mmap threshold can keep freed block weights resident (RSS then grows
+with depth though live memory does not); ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment
+avoids it.
+
 Work in progress lives in ``<out>.partial/``: one ``block-NNNNN.safetensors`` per finished block
 (written to a temporary name, fsynced, renamed) and ``progress.json`` (the run's fingerprint and
 the finished blocks, rewritten atomically after each block). ``<out>`` itself appears only when
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -36,8 +41,6 @@ from .persistence import (ALIASES_KEY, CONFIG_NAME, WEIGHTS_NAME, _hf_config_dic
 from .prepare import (REPORT_MODES, LayerBuilder, PrepareReport, check_layers, finish, needs_calibration,
                       run_sequential)
 from .targets import find_targets
-
-import logging
 
 logger = logging.getLogger(__name__)
 
