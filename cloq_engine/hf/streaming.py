@@ -291,7 +291,9 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
         block.to("meta")  # free it: the next block's inputs are computed
 
     t0 = time.perf_counter()
-    if batches:
+    if start == len(blocks):  # killed while assembling: every block is written already
+        pass
+    elif batches:
         before_block(0, blocks[0])  # block 0 runs while its inputs are captured
         run_sequential(model, targets, batches, builder, true_sequential=true_sequential, progress=progress,
                        start=start, before_block=before_block, after_block=after_block)
