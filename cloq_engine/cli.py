@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory, or a previous cloq checkpoint with --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace a previous cloq checkpoint at --out")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="prepare block by block from the safetensors shards in bounded memory, keeping finished "
+                        "blocks in <out>.partial/; rerun with --resume after an interruption to continue")
 
     p = sub.add_parser("eval", help="evaluate a prepared checkpoint against its full-precision model")
     p.add_argument("checkpoint", type=_existing_dir)

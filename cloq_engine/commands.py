@@ -111,6 +111,8 @@ def cmd_prepare(args) -> int:
     t0 = time.perf_counter()
     model_path = args.model or data.minilm_path()
     out = _check_out(args.out, args.overwrite, [model_path])
+    if getattr(args, "resume", False):
+        return _prepare_streaming(args, model_path, t0)
     model, tok = data.load_model(model_path)
     qc, lc = _configs(args, args.init)
     calib = _calibration(args, tok)
@@ -139,6 +141,24 @@ def cmd_prepare(args) -> int:
     print(f"wrote {args.out}")
     if args.json:
         print(json.dumps({"mean_err_quant": mean_q, "mean_err_init": mean_i, "layers": [r.__dict__ for r in rep.layers]}))
+    return 0
+
+
+def _prepare_streaming(args, model_path: str, t0: float) -> int:
+    """``cloq prepare --resume``: block by block, bounded memory, continuing a killed run."""
+    from transformers import AutoTokenizer
+
+    from .hf.streaming import prepare_pretrained
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    qc, lc = _configs(args, args.init)
+    try:
+        out = prepare_pretrained(model_path, args.out, qc, lc, calib=_calibration(args, tok), resume=True,
+                                 dtype=torch.float32, progress=not args.no_progress, tokenizer=tok)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    print(f"time: total {time.perf_counter() - t0:.1f}s | peak memory: {_peak_rss_mib():.0f} MiB resident (process)")
+    print(f"wrote {out}")
     return 0
 
 
