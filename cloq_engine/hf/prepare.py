@@ -14,6 +14,7 @@ from ..config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
 from .. import init as init_mod
 from ..nn import QuantLoRALinear, linear_weight
 from ..quant import quantize_weight
+from .checks import guarded
 from .targets import find_targets, replace_modules
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class PrepareReport:
     layers: List[LayerReport] = field(default_factory=list)
     capture_s: float = 0.0
     total_s: float = 0.0
+    calib_tokens: int = 0  # set by hf/checks.py: calibration tokens,
+    underdetermined: dict = field(default_factory=dict)  # {layer: in_features} with fewer tokens than in_features,
+    full_precision: List[str] = field(default_factory=list)  # and weights left unquantized (MoE experts)
 
     @property
     def quantize_s(self) -> float:
@@ -87,6 +91,7 @@ def build_layer(name: str, module: nn.Module, quant_config: QuantConfig, lora_co
     return layer
 
 
+@guarded  # checks before any work; the caller's model restored if this raises
 def prepare_model(model: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig,
                   calib: Optional[Iterable] = None, progress: bool = False, sequential: bool = True) -> nn.Module:
     """Replace the target linear layers of ``model`` by :class:`QuantLoRALinear`, in place.
