@@ -138,8 +138,19 @@ class QuantLoRALinear(nn.Module):
         w = self.quantized_weight.dequantize() + self.delta_weight()
         return w if dtype is None else w.to(dtype)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized base weight Ŵ (out, in) in the LoRA dtype: a read-only copy made on
+        every access, for model code that reads ``layer.weight`` (T5 checks its dtype). The
+        forward and backward never use it."""
+        if self.qweight.is_meta:
+            return torch.empty(self.out_features, self.in_features, dtype=self.lora_A.dtype, device="meta")
+        return self.quantized_weight.dequantize().to(self.lora_A.dtype)
+
     # -- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # nn.Linear raises here too; the kernels would return zeros
+            raise RuntimeError(f"QuantLoRALinear needs a floating-point input; got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has last dimension {x.shape[-1]}; expected in_features={self.in_features}")
         lead = x.shape[:-1]

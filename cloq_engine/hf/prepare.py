@@ -18,6 +18,7 @@ from .. import calib as calib_mod
 from ..config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
 from ..convert import build_layer, linear_weight, mark_trainable, quantize_and_init, replace_modules
 from ..nn import QuantLoRALinear
+from .checks import guarded
 from .targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class PrepareReport:
     blocks: List[BlockReport] = field(default_factory=list)
     capture_s: float = 0.0
     total_s: float = 0.0
+    calib_tokens: int = 0  # set by hf/checks.py: calibration tokens,
+    underdetermined: dict = field(default_factory=dict)  # {layer: in_features} with fewer tokens than in_features,
+    full_precision: List[str] = field(default_factory=list)  # and weights left unquantized (MoE experts)
 
     @property
     def quantize_s(self) -> float:
@@ -191,6 +195,7 @@ def run_sequential(model: nn.Module, targets: List[str], batches: List[dict], bu
         replace_modules(model, builder.build(model, grams))
 
 
+@guarded  # checks before any work; the caller's model restored if this raises
 def prepare_model(model: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig,
                   calib: Optional[Iterable] = None, progress: bool = False, sequential: bool = True,
                   true_sequential: bool = True, batch_size: int = 8, report: str = "sampled") -> nn.Module:
