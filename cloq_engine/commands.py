@@ -24,9 +24,19 @@ class CLIError(Exception):
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
+def _init_fields(args) -> dict:
+    """LoRAConfig init_* fields given on the command line (the rest keep the config's defaults)."""
+    fields = {"init_solver": "init_solver", "init_power_iters": "power_iters", "init_damp": "init_damp",
+              "init_iters": "init_iters", "requant_rounds": "requant_rounds"}
+    return {f: getattr(args, a) for f, a in fields.items() if getattr(args, a, None) is not None}
+
+
 def _configs(args, init: str):
     qc = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quantizer)
-    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init)
+    fields = _init_fields(args)
+    if init not in ("cloq", "quailora"):
+        fields.pop("requant_rounds", None)  # compare runs every init with the same flags
+    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init, **fields)
     return qc, lc
 
 
@@ -94,6 +104,10 @@ class Evaluator:
 
 # -- prepare ----------------------------------------------------------------------------------------
 def cmd_prepare(args) -> int:
+    if getattr(args, "from_gptq", None):
+        from .export import cmd_prepare_from_gptq
+
+        return cmd_prepare_from_gptq(args)
     from .hf import prepare_model
     from .hf.persistence import save_pretrained
     from .hf.quantizer import attach_quantization_config
@@ -129,6 +143,12 @@ def cmd_prepare(args) -> int:
     if args.json:
         print(json.dumps({"mean_err_quant": mean_q, "mean_err_init": mean_i, "layers": [r.__dict__ for r in rep.layers]}))
     return 0
+
+
+def cmd_export(args) -> int:
+    from .export import cmd_export as run
+
+    return run(args)
 
 
 # -- eval -------------------------------------------------------------------------------------------

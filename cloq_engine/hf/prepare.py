@@ -1,6 +1,7 @@
 """``prepare_model``: a model goes in, a quantized model with calibrated LoRA comes out."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,6 @@ from .. import calib as calib_mod
 from ..config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
 from .. import init as init_mod
 from ..nn import QuantLoRALinear, linear_weight
-from ..quant import quantize_weight
 from .targets import find_targets, replace_modules
 
 logger = logging.getLogger(__name__)
@@ -65,15 +65,10 @@ def build_layer(name: str, module: nn.Module, quant_config: QuantConfig, lora_co
     """Quantize one linear layer, initialise its LoRA factors, and record what happened."""
     W = linear_weight(module).float()
     Hf = None if H is None else H.float()
-    t0 = time.perf_counter()
-    if lora_config.init == InitMethod.LOFTQ:
-        qw, A, B = init_mod.init_loftq(W, quant_config, lora_config.rank, scaling=lora_config.scaling, H=Hf)
-        t_q, t_i = 0.0, time.perf_counter() - t0
-    else:
-        qw = quantize_weight(W, quant_config, H=Hf)
-        t1 = time.perf_counter()
-        A, B = init_mod.init_lora(W, qw, Hf, lora_config.rank, method=lora_config.init.value, scaling=lora_config.scaling)
-        t_q, t_i = t1 - t0, time.perf_counter() - t1
+    timings = {}
+    qw, A, B = init_mod.initialize(W, quant_config, lora_config, Hf, name=name, timings=timings)
+    t_q, t_i = timings["quantize_s"], timings["init_s"]
+    lora_config = dataclasses.replace(lora_config, rank=A.shape[0], rank_pattern={})  # this layer's rank
     dtype = module.weight.dtype if module.weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     layer = QuantLoRALinear.from_quantized(qw, A, B, lora_config, quant_config, bias=module.bias, dtype=dtype)
     if report is not None:
@@ -153,8 +148,9 @@ def _check_layers(model: nn.Module, targets: List[str], quant_config: QuantConfi
         out_f, in_f = linear_weight(model.get_submodule(name)).shape
         if quant_config.group_size != -1 and in_f % quant_config.group_size:
             raise ValueError(f"layer {name!r}: in_features={in_f} is not divisible by group_size={quant_config.group_size}")
-        if lora_config.rank > min(in_f, out_f):
-            raise ValueError(f"layer {name!r}: rank={lora_config.rank} exceeds min(in_features, out_features)={min(in_f, out_f)}")
+        rank = lora_config.rank_for(name)
+        if rank > min(in_f, out_f):
+            raise ValueError(f"layer {name!r}: rank={rank} exceeds min(in_features, out_features)={min(in_f, out_f)}")
 
 
 def mark_trainable(model: nn.Module) -> None:
