@@ -218,8 +218,10 @@ class LoRAConfig:
 
     def rank_for(self, name: str) -> int:
         """The rank of layer ``name``: the first matching `rank_pattern` key (PEFT's rule), else `rank`."""
+        if name in self.rank_pattern:
+            return self.rank_pattern[name]
         for key, rank in self.rank_pattern.items():
-            if name == key or name.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", name):
+            if name.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", name):
                 return rank
         return self.rank
 

@@ -58,6 +58,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
         "task_type": _task_type(model),
         "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
         "r": lora["rank"],
+        "rank_pattern": dict(lora.get("rank_pattern") or {}),
         "lora_alpha": lora["alpha"],
         "lora_dropout": lora["dropout"],
         "use_rslora": lora["use_rslora"],
