@@ -74,6 +74,14 @@ def _add_quant_args(p: argparse.ArgumentParser, bits_multi: bool = False) -> Non
     p.add_argument("--samples", type=_positive_int, default=64, help="calibration blocks (default 64)")
     p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per calibration block")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    # calibrated-init options (LoRAConfig.init_*; defaults: the config's)
+    p.add_argument("--init-solver", choices=("auto", "exact", "krylov", "randomized"), default=None,
+                   help="truncated SVD of the calibrated inits (default auto)")
+    p.add_argument("--power-iters", type=int, default=None, help="Krylov/randomized iterations (default: adaptive)")
+    p.add_argument("--init-damp", type=float, default=None, help="damping of H, fraction of mean(diag H) (default 1e-6)")
+    p.add_argument("--init-iters", type=_positive_int, default=None, help="QuAILoRA sweeps / LoftQ alternations")
+    p.add_argument("--requant-rounds", type=int, default=0,
+                   help="joint re-quantization rounds for cloq/quailora (default 0: one-shot)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="quantize a model and initialise its LoRA factors")
     _add_quant_args(p)
-    p.add_argument("--init", choices=("cloq", "quailora", "loftq", "zero"), default="cloq")
+    p.add_argument("--init", choices=("cloq", "quailora", "loftq", "svd", "zero"), default="cloq")
     p.add_argument("--out", required=True, help="checkpoint directory to write (atomically); a new or empty "
                    "directory, or a previous cloq checkpoint with --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace a previous cloq checkpoint at --out")
+    p.add_argument("--from-gptq", type=_existing_dir, default=None, metavar="DIR",
+                   help="keep the Q of this GPTQ checkpoint (AutoGPTQ/GPTQModel layout); --model is its original")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     p.add_argument("--resume", action="store_true",
                    help="prepare block by block from the safetensors shards in bounded memory, keeping finished "
@@ -116,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to save (default: <checkpoint>-ft)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous cloq checkpoint at --out")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="export a prepared checkpoint: GPTQ base + PEFT adapter, or merged dense")
+    p.add_argument("checkpoint", type=_existing_dir)
+    p.add_argument("--format", choices=("gptq", "merged"), default="gptq")
+    p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
+                   help="GPTQ v1 (AutoGPTQ/vLLM, stores zero-1) or v2 (GPTQModel, exact zeros)")
+    p.add_argument("--out", default=None, help="directory to write (default: <checkpoint>-<format>)")
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     p.add_argument("which", choices=("kernels", "init", "quantize", "prepare"))

@@ -24,9 +24,19 @@ class CLIError(Exception):
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
+def _init_fields(args) -> dict:
+    """LoRAConfig init_* fields given on the command line (the rest keep the config's defaults)."""
+    fields = {"init_solver": "init_solver", "init_power_iters": "power_iters", "init_damp": "init_damp",
+              "init_iters": "init_iters", "requant_rounds": "requant_rounds"}
+    return {f: getattr(args, a) for f, a in fields.items() if getattr(args, a, None) is not None}
+
+
 def _configs(args, init: str):
     qc = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quantizer)
-    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init)
+    fields = _init_fields(args)
+    if init not in ("cloq", "quailora"):
+        fields.pop("requant_rounds", None)  # compare runs every init with the same flags
+    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init, **fields)
     return qc, lc
 
 
@@ -110,7 +120,12 @@ def cmd_prepare(args) -> int:
 
     t0 = time.perf_counter()
     model_path = args.model or data.minilm_path()
-    out = _check_out(args.out, args.overwrite, [model_path])
+    from_gptq = getattr(args, "from_gptq", None)
+    out = _check_out(args.out, args.overwrite, [model_path] + ([from_gptq] if from_gptq else []))
+    if from_gptq:
+        from .export import cmd_prepare_from_gptq
+
+        return cmd_prepare_from_gptq(args)
     if getattr(args, "resume", False):
         return _prepare_streaming(args, model_path, t0)
     model, tok = data.load_model(model_path)
@@ -160,6 +175,12 @@ def _prepare_streaming(args, model_path: str, t0: float) -> int:
     print(f"time: total {time.perf_counter() - t0:.1f}s | peak memory: {_peak_rss_mib():.0f} MiB resident (process)")
     print(f"wrote {out}")
     return 0
+
+
+def cmd_export(args) -> int:
+    from .export import cmd_export as run
+
+    return run(args)
 
 
 # -- eval -------------------------------------------------------------------------------------------

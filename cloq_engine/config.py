@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 
 class QuantMethod(str, enum.Enum):
@@ -18,7 +19,17 @@ class InitMethod(str, enum.Enum):
     CLOQ = "cloq"
     QUAILORA = "quailora"
     LOFTQ = "loftq"
+    SVD = "svd"
     ZERO = "zero"
+
+
+class SVDSolver(str, enum.Enum):
+    """How the calibrated inits take the truncated SVD of the whitened error."""
+
+    AUTO = "auto"
+    EXACT = "exact"
+    RANDOMIZED = "randomized"
+    KRYLOV = "krylov"
 
 
 SUPPORTED_BITS = (2, 3, 4)
@@ -43,6 +54,11 @@ def _check_names(value, field: str) -> None:
         raise ValueError(f"`{field}` must be a string or a sequence of strings; got {value!r}") from None
     if not all(isinstance(n, str) for n in names):
         raise ValueError(f"`{field}` must be a string or a sequence of strings; got {value!r}")
+
+
+def _check_optional_int(value, field: str, minimum: int) -> None:
+    if value is not None and not (_is_int(value) and value >= minimum):
+        raise ValueError(f"`{field}` must be None or an integer >= {minimum}; got {value!r}")
 
 
 def _enum_field(cls, value, field: str):
@@ -117,6 +133,20 @@ class LoRAConfig:
         target_modules: "all-linear", a list of names or name suffixes, or a regex string.
         exclude: names or suffixes never replaced.
         use_rslora: rank-stabilised scaling alpha / sqrt(r).
+        rank_pattern: per-layer ranks overriding `rank`, as PEFT's `rank_pattern`: a key matches a
+            layer name equal to it or ending in "." + key (regex allowed); the scaling of such a
+            layer is alpha / its rank.
+        init_solver: truncated SVD used by the calibrated inits: "auto" (exact for small layers,
+            block Krylov for large), "exact", "randomized" (power iterations) or "krylov".
+        init_power_iters: iterations of the randomized/Krylov solvers; None (default) iterates
+            until the captured energy stops changing.
+        init_damp: damping of H for the calibrated inits, as a fraction of mean(diag H); grown
+            only when the Cholesky fails.
+        init_iters: QuAILoRA sweeps or LoftQ alternations; None = the method's default (20 / 5).
+        requant_rounds: joint re-quantization for "cloq"/"quailora": up to this many rounds of
+            Q <- quantize(W - scaling·B·A, H), (A, B) <- init(W - Q, H), keeping the best; 0 = off.
+        requant_tol: stop re-quantizing when a round improves the calibrated objective by less
+            than this fraction.
     """
 
     rank: int = 16
@@ -126,9 +156,17 @@ class LoRAConfig:
     target_modules: Union[str, Sequence[str]] = "all-linear"
     exclude: Sequence[str] = ("lm_head",)
     use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    init_solver: Union[SVDSolver, str] = SVDSolver.AUTO
+    init_power_iters: Optional[int] = None
+    init_damp: float = 1e-6
+    init_iters: Optional[int] = None
+    requant_rounds: int = 0
+    requant_tol: float = 1e-3
 
     def __post_init__(self):
         object.__setattr__(self, "init", _enum_field(InitMethod, self.init, "init"))
+        object.__setattr__(self, "init_solver", _enum_field(SVDSolver, self.init_solver, "init_solver"))
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"`rank` must be a positive integer; got {self.rank!r}")
         if isinstance(self.alpha, bool) or not (
@@ -146,14 +184,51 @@ class LoRAConfig:
             object.__setattr__(self, "exclude", (self.exclude,))
         else:
             object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not isinstance(self.rank_pattern, Mapping) or not all(
+            isinstance(k, str) and _is_int(v) and v >= 1 for k, v in self.rank_pattern.items()
+        ):
+            raise ValueError(f"`rank_pattern` must map layer names to positive integers; got {self.rank_pattern!r}")
+        for key in self.rank_pattern:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"`rank_pattern` key {key!r} is not a valid regex: {e}") from None
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        _check_optional_int(self.init_power_iters, "init_power_iters", 0)
+        _check_optional_int(self.init_iters, "init_iters", 1)
+        if isinstance(self.init_damp, bool) or not (
+            isinstance(self.init_damp, (int, float)) and math.isfinite(self.init_damp) and 0 <= self.init_damp < 1
+        ):
+            raise ValueError(f"`init_damp` must be a finite number in [0, 1); got {self.init_damp!r}")
+        if not (_is_int(self.requant_rounds) and self.requant_rounds >= 0):
+            raise ValueError(f"`requant_rounds` must be a non-negative integer; got {self.requant_rounds!r}")
+        if self.requant_rounds and self.init not in (InitMethod.CLOQ, InitMethod.QUAILORA):
+            raise ValueError(f"`requant_rounds` needs init='cloq' or 'quailora'; got init={self.init.value!r}")
+        if isinstance(self.requant_tol, bool) or not (
+            isinstance(self.requant_tol, (int, float)) and math.isfinite(self.requant_tol) and 0 <= self.requant_tol < 1
+        ):
+            raise ValueError(f"`requant_tol` must be a finite number in [0, 1); got {self.requant_tol!r}")
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return self.scaling_for_rank(self.rank)
+
+    def scaling_for_rank(self, rank: int) -> float:
+        return self.alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def rank_for(self, name: str) -> int:
+        """The rank of layer ``name``: the first matching `rank_pattern` key (PEFT's rule), else `rank`."""
+        if name in self.rank_pattern:
+            return self.rank_pattern[name]
+        for key, rank in self.rank_pattern.items():
+            if name.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", name):
+                return rank
+        return self.rank
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["init"] = self.init.value
+        d["init_solver"] = self.init_solver.value
         d["target_modules"] = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         d["exclude"] = list(self.exclude)
         return d

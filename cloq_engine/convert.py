@@ -8,6 +8,7 @@ This module sits below ``nn.py``: it never imports the layer class. Callers pass
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -95,44 +96,53 @@ def quantize_group(weights: Sequence[torch.Tensor], quant_config: QuantConfig,
 
 
 def init_layer(W: torch.Tensor, qw: QuantizedWeight, lora_config: LoRAConfig,
-               H: Optional[torch.Tensor]) -> LayerInit:
-    """LoRA factors of one layer whose quantized weight is known (every init but LoftQ)."""
+               H: Optional[torch.Tensor], name: Optional[str] = None) -> LayerInit:
+    """LoRA factors of one layer whose quantized weight is known (a calibrated or SVD init), at the
+    layer's own rank (``lora_config.rank_pattern``) with the config's init options."""
     t0 = time.perf_counter()
-    A, B = init_mod.init_lora(W.float(), qw, H, lora_config.rank, method=lora_config.init.value,
-                              scaling=lora_config.scaling)
+    rank = lora_config.rank if name is None else lora_config.rank_for(name)
+    A, B = init_mod.init_lora(W.float(), qw, H, rank, method=lora_config.init.value,
+                              scaling=lora_config.scaling_for_rank(rank), **init_mod.init_options(lora_config))
     return LayerInit(qw, A, B, init_s=time.perf_counter() - t0)
 
 
 def quantize_and_init(weights: Sequence[torch.Tensor], quant_config: QuantConfig, lora_config: LoRAConfig,
-                      H: Optional[torch.Tensor] = None) -> List[LayerInit]:
-    """Quantize and initialise layers that share one ``H`` (or a single layer)."""
+                      H: Optional[torch.Tensor] = None, names: Optional[Sequence[str]] = None) -> List[LayerInit]:
+    """Quantize and initialise layers that share one ``H`` (or a single layer); ``names`` (qualified)
+    pick each layer's rank from ``lora_config.rank_pattern``."""
     Hf = None if H is None else H.float()
-    if lora_config.init == InitMethod.LOFTQ:  # LoftQ re-quantizes inside its alternation
+    names = list(names) if names is not None else [None] * len(weights)
+    if init_mod.get_init(lora_config.init).requantizes or lora_config.requant_rounds:
+        # LoftQ and joint re-quantization quantize inside their alternation: one layer at a time.
         out = []
-        for W in weights:
-            t0 = time.perf_counter()
-            qw, A, B = init_mod.init_loftq(W.float(), quant_config, lora_config.rank,
-                                           scaling=lora_config.scaling, H=Hf)
-            out.append(LayerInit(qw, A, B, init_s=time.perf_counter() - t0))
+        for W, name in zip(weights, names):
+            t = {}
+            qw, A, B = init_mod.initialize(W.float(), quant_config, lora_config, Hf, name=name, timings=t)
+            out.append(LayerInit(qw, A, B, quantize_s=t["quantize_s"], init_s=t["init_s"]))
         return out
     t0 = time.perf_counter()
     qws = quantize_group(weights, quant_config, Hf)
     rows = sum(W.shape[0] for W in weights)
     t_q = time.perf_counter() - t0
     out = []
-    for W, qw in zip(weights, qws):
-        li = init_layer(W, qw, lora_config, Hf)
+    for W, qw, name in zip(weights, qws, names):
+        li = init_layer(W, qw, lora_config, Hf, name)
         li.quantize_s = t_q * W.shape[0] / rows  # a shared GPTQ is charged by rows
         out.append(li)
     return out
 
 
 def build_layer(module: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig,
-                H: Optional[torch.Tensor] = None, *, layer_cls, init: Optional[LayerInit] = None) -> nn.Module:
+                H: Optional[torch.Tensor] = None, *, layer_cls, init: Optional[LayerInit] = None,
+                name: Optional[str] = None) -> nn.Module:
     """A ``layer_cls`` (QuantLoRALinear) replacing the dense ``module``: quantized, LoRA
     initialised (or from ``init`` when already computed), bias and dtype kept."""
     if init is None:
-        (init,) = quantize_and_init([linear_weight(module)], quant_config, lora_config, H)
+        (init,) = quantize_and_init([linear_weight(module)], quant_config, lora_config, H,
+                                    names=None if name is None else [name])
+    rank = init.A.shape[0]
+    if rank != lora_config.rank or lora_config.rank_pattern:  # the layer carries its own rank
+        lora_config = dataclasses.replace(lora_config, rank=rank, rank_pattern={})
     return layer_cls.from_quantized(init.qw, init.A, init.B, lora_config, quant_config, bias=module.bias,
                                     dtype=lora_dtype(module))
 

@@ -175,6 +175,10 @@ class QuantizedWeight:
     * ``scales``: float16 [G, N], per-group scale (NF4: per-block absmax).
     * ``zeros``: float16 [G, N], per-group zero point in code units; ``None`` for NF4.
 
+    * ``perm``: int64 [K] or None. When set (a GPTQ act-order import), stored column i is input
+      feature ``perm[i]``: the buffers describe ``W[:, perm]`` and a layer computes
+      ``x[..., perm] @ Ŵ_stored^T``; :meth:`dequantize` returns the weight in input order.
+
     ``group_size`` is the configured value (-1 means one group over all of K);
     ``effective_group_size`` is the number of K columns per group.
     """
@@ -187,9 +191,13 @@ class QuantizedWeight:
     in_features: int
     out_features: int
     method: str = "rtn"
+    perm: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         _check_bits(self.bits)
+        if self.perm is not None and (tuple(self.perm.shape) != (self.in_features,) or self.perm.dtype != torch.int64):
+            raise ValueError(f"perm must be int64 of shape ({self.in_features},); got {self.perm.dtype} "
+                             f"{tuple(self.perm.shape)}")
         if self.method not in _METHOD_IDS:
             raise ValueError(f"`method` must be one of {tuple(_METHOD_IDS)}; got {self.method!r}")
         n, k = self.out_features, self.in_features
@@ -236,6 +244,8 @@ class QuantizedWeight:
         total += self.scales.numel() * self.scales.element_size()
         if self.zeros is not None:
             total += self.zeros.numel() * self.zeros.element_size()
+        if self.perm is not None:
+            total += self.perm.numel() * self.perm.element_size()
         return total
 
     @property
@@ -252,6 +262,8 @@ class QuantizedWeight:
         from .backends import torch_ref
 
         w = torch_ref.dequantize(self)
+        if self.perm is not None:  # stored column i is input feature perm[i]
+            w = torch.empty_like(w).index_copy_(1, self.perm.to(w.device), w)
         return w if dtype is None else w.to(dtype)
 
     def to(self, device) -> "QuantizedWeight":
@@ -264,6 +276,7 @@ class QuantizedWeight:
             self.in_features,
             self.out_features,
             self.method,
+            None if self.perm is None else self.perm.to(device),
         )
 
     def state_dict(self, prefix: str = "") -> dict:
@@ -278,6 +291,8 @@ class QuantizedWeight:
         }
         if self.zeros is not None:
             sd[prefix + "zeros"] = self.zeros
+        if self.perm is not None:
+            sd[prefix + "perm"] = self.perm
         return sd
 
     @classmethod
@@ -296,6 +311,7 @@ class QuantizedWeight:
                 in_features=in_features,
                 out_features=out_features,
                 method=_METHOD_NAMES[method_id],
+                perm=sd.get(prefix + "perm"),
             )
         except KeyError as e:
             raise ValueError(f"incomplete QuantizedWeight state dict: missing {e}") from None

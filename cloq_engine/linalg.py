@@ -156,16 +156,100 @@ def randomized_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = None,
     return TruncatedSVD(U.contiguous(), S[:rank], Vh.contiguous())
 
 
+# Block Krylov stops when a step adds less than this fraction of the objective still left
+# (estimated ||E||_F^2 minus the captured energy). On flat whitened spectra the steps shrink ~5x
+# each, so what is left to gain is then a few 1e-5 of the objective (benchmarks/init.py).
+KRYLOV_TOL = 5e-4
+KRYLOV_MIN_STEPS = 4  # convergence is never checked before (each check is an eigh of the k×k Gram)
+KRYLOV_MAX_STEPS = 12
+
+
+def block_krylov_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = None, oversample: Optional[int] = None,
+                     power_iters: Optional[int] = None, seed: Optional[int] = 0) -> TruncatedSVD:
+    """Top-``rank`` SVD of ``E = R·L`` by block Krylov iteration (Musco & Musco 2015) with Rayleigh–Ritz.
+
+    The subspace is the whole Krylov space ``K = [EΩ, (EE^T)EΩ, ...]`` with block width
+    ``rank + oversample`` (default ``max(16, rank)`` extra), kept orthonormal by two passes of
+    block Gram–Schmidt. It captures far more energy per product with ``E`` than subspace
+    iteration (:func:`randomized_svd`), which keeps only the last block, and ``E^T K`` is built
+    along the way, so no product is spent on the final projection. ``E`` is never formed.
+
+    ``power_iters`` fixes the number of Krylov steps; None (default) steps until one adds less
+    than ``KRYLOV_TOL`` of the objective still left (the captured energy, the top-``rank``
+    eigenvalues of ``K^T E E^T K``, against ``||E||_F^2`` estimated from the first sketch),
+    checked from step ``KRYLOV_MIN_STEPS`` on, at most ``KRYLOV_MAX_STEPS`` steps.
+    """
+    m, n = R.shape
+    if oversample is None:
+        oversample = max(16, rank)
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"`oversample` must be a non-negative integer; got {oversample!r}")
+    if power_iters is not None and (isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0):
+        raise ValueError(f"`power_iters` must be None or a non-negative integer; got {power_iters!r}")
+    b = min(rank + oversample, m, n)
+
+    def E_times(X):
+        return R @ (X if L is None else L @ X)
+
+    def Et_times(Y):
+        Z = R.transpose(0, 1) @ Y
+        return Z if L is None else L.transpose(0, 1) @ Z
+
+    Y = E_times(_gaussian(n, b, R, seed))
+    total = float(Y.double().pow(2).sum()) / b  # E||EΩ||^2 = b·||E||_F^2 for a Gaussian Ω
+    K = _orthonormal(Y)  # (m, k), orthonormal
+    Z = Et_times(K)  # E^T K (n, k)
+    G = (Z.transpose(0, 1) @ Z).double()  # K^T E E^T K
+    steps = KRYLOV_MAX_STEPS if power_iters is None else power_iters
+    eig, captured = None, None
+    for step in range(1, steps + 1):
+        width = min(b, min(m, n) - K.shape[1])  # the last block may fill the space exactly
+        if width <= 0:
+            break
+        Y = E_times(Z[:, -b:])[:, :width]
+        for _ in range(2):
+            Y = Y - K @ (K.transpose(0, 1) @ Y)
+        Q = _orthonormal(Y)
+        Zq = Et_times(Q)
+        C = (Z.transpose(0, 1) @ Zq).double()
+        G = torch.cat([torch.cat([G, C], 1), torch.cat([C.transpose(0, 1), (Zq.transpose(0, 1) @ Zq).double()], 1)], 0)
+        K, Z = torch.cat([K, Q], 1), torch.cat([Z, Zq], 1)
+        if power_iters is None and step >= KRYLOV_MIN_STEPS:
+            eig = torch.linalg.eigh(G)
+            prev, captured = captured, float(eig.eigenvalues[-rank:].sum())
+            logger.debug("block_krylov_svd: step %d, width %d, captured %.6g of ~%.6g", step, K.shape[1], captured, total)
+            if prev is not None and captured - prev <= KRYLOV_TOL * max(total - captured, 1e-3 * captured):
+                break
+    if eig is None or eig.eigenvectors.shape[0] != K.shape[1]:
+        eig = torch.linalg.eigh(G)
+    # Rayleigh–Ritz: the top-r eigenvectors of G, then an exact small SVD (no division by σ).
+    Vr = eig.eigenvectors[:, -rank:].flip(1).to(R.dtype)  # (k, r)
+    Uz, S, Vzh = torch.linalg.svd(Z @ Vr, full_matrices=False)  # E^T K Vr = Uz S Vz^T
+    U = K @ (Vr @ Vzh.transpose(0, 1))
+    return TruncatedSVD(U.contiguous(), S, Uz.transpose(0, 1).contiguous())
+
+
 def truncated_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = None, method: str = "auto",
-                  oversample: Optional[int] = None, power_iters: int = 4, seed: Optional[int] = 0) -> TruncatedSVD:
-    """Dispatch between :func:`exact_svd` and :func:`randomized_svd` (``method``: auto|exact|randomized)."""
+                  oversample: Optional[int] = None, power_iters: Optional[int] = None,
+                  seed: Optional[int] = 0) -> TruncatedSVD:
+    """Dispatch between :func:`exact_svd`, :func:`block_krylov_svd` and :func:`randomized_svd`
+    (``method``: auto|exact|krylov|randomized; auto = exact for small layers, krylov for large).
+
+    ``power_iters`` None: Krylov iterates until converged; randomized uses ``DEFAULT_POWER_ITERS``.
+    """
     if method == "auto":
         method = choose_svd(R.shape, rank)
     if method == "exact":
         return exact_svd(R, rank, L)
+    if method == "krylov":
+        return block_krylov_svd(R, rank, L, oversample=oversample, power_iters=power_iters, seed=seed)
     if method == "randomized":
-        return randomized_svd(R, rank, L, oversample=oversample, power_iters=power_iters, seed=seed)
-    raise ValueError(f"`svd` must be one of 'auto', 'exact', 'randomized'; got {method!r}")
+        iters = DEFAULT_POWER_ITERS if power_iters is None else power_iters
+        return randomized_svd(R, rank, L, oversample=oversample, power_iters=iters, seed=seed)
+    raise ValueError(f"`svd` must be one of 'auto', 'exact', 'krylov', 'randomized'; got {method!r}")
+
+
+DEFAULT_POWER_ITERS = 4  # randomized_svd's subspace iterations when none are given
 
 
 # Layers whose smaller side is at most this use the exact SVD under svd="auto".
@@ -173,9 +257,9 @@ EXACT_SVD_MAX_DIM = 1024
 
 
 def choose_svd(shape, rank: int) -> str:
-    """svd="auto": exact for small layers (or ranks near full), randomized for large ones."""
+    """svd="auto": exact for small layers (or ranks near full), block Krylov for large ones."""
     small = min(shape)
-    return "exact" if small <= EXACT_SVD_MAX_DIM or 4 * rank >= small else "randomized"
+    return "exact" if small <= EXACT_SVD_MAX_DIM or 4 * rank >= small else "krylov"
 
 
 def balanced_split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: float) -> Tuple[torch.Tensor, torch.Tensor]:

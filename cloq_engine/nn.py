@@ -92,6 +92,7 @@ class QuantLoRALinear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("zeros", None if self.method == "nf4" else
                              torch.empty(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("perm", None)  # input permutation of a GPTQ act-order import (QuantizedWeight.perm)
         self.lora_A = nn.Parameter(torch.empty(self.rank, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, self.rank, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
@@ -114,6 +115,8 @@ class QuantLoRALinear(nn.Module):
         if bias is not None:
             state["bias"] = bias.detach().to(dtype)
         layer.load_state_dict(state, assign=True)
+        if qw.perm is not None:
+            layer.perm = qw.perm.clone()
         if layer.bias is not None:  # assign=True keeps the loaded tensor's requires_grad
             layer.bias.requires_grad_(False)
         return layer
@@ -128,7 +131,7 @@ class QuantLoRALinear(nn.Module):
     @property
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                               self.in_features, self.out_features, self.method)
+                               self.in_features, self.out_features, self.method, self.perm)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling·B·A in float32, (out, in)."""
@@ -158,6 +161,9 @@ class QuantLoRALinear(nn.Module):
         x_lora = None
         if isinstance(self.lora_dropout, nn.Dropout) and self.training:
             x_lora = self.lora_dropout(x2)
+        if self.perm is not None:  # the packed weight's columns are in perm order; the LoRA's are not
+            x_lora = x2 if x_lora is None else x_lora
+            x2 = x2.index_select(1, self.perm)
         A, B = self.lora_A, self.lora_B
         y = QuantLoRAFunction.apply(x2, x_lora, A, B, self.bias, self.quantized_weight, self.scaling)
         return y.reshape(*lead, self.out_features)

@@ -23,6 +23,11 @@ BAD_LORA_FIELDS = [
     ("target_modules", None), ("target_modules", 5), ("target_modules", ["q_proj", 3]),
     ("exclude", None), ("exclude", [None]),
     ("use_rslora", "no"), ("use_rslora", 1),
+    ("rank_pattern", {"q_proj": 0}), ("rank_pattern", {"q_proj": 8.0}), ("rank_pattern", ["q_proj"]),
+    ("rank_pattern", {"(": 8}),
+    ("init_solver", "lanczos"), ("init_power_iters", -1), ("init_power_iters", 2.5),
+    ("init_damp", -1e-6), ("init_damp", math.nan), ("init_iters", 0), ("init_iters", True),
+    ("requant_rounds", -1), ("requant_rounds", 1.0), ("requant_tol", 1.0), ("requant_tol", "0"),
 ]
 
 
@@ -65,6 +70,8 @@ def test_quant_config_dict_round_trip(kwargs):
     [
         dict(rank=1, alpha=0.5, init="zero", target_modules=["q_proj", "v_proj"], exclude="lm_head"),
         dict(rank=64, alpha=16, dropout=0.1, init=InitMethod.QUAILORA, target_modules=r".*mlp.*", use_rslora=True),
+        dict(rank=8, rank_pattern={"q_proj": 16, r"layers\.0\..*": 4}, init_solver="krylov", init_power_iters=3,
+             init_damp=1e-4, init_iters=7, requant_rounds=2, requant_tol=0.01),
     ],
 )
 def test_lora_config_dict_round_trip(kwargs):
@@ -81,3 +88,18 @@ def test_lora_scaling(rank, alpha, rslora, expected):
 def test_enum_fields_accept_plain_strings_case_insensitively():
     assert QuantConfig(method="GPTQ").method is QuantMethod.GPTQ
     assert LoRAConfig(init="CLoQ").init is InitMethod.CLOQ
+
+
+def test_requant_rounds_need_a_calibrated_init():
+    with pytest.raises(ValueError, match="`requant_rounds`"):
+        LoRAConfig(init="loftq", requant_rounds=2)
+    assert LoRAConfig(init="quailora", requant_rounds=2).requant_rounds == 2
+
+
+def test_rank_for_follows_peft_rank_pattern_matching():
+    lc = LoRAConfig(rank=8, alpha=16, rank_pattern={"q_proj": 16, r"layers\.1\.mlp\..*": 4})
+    assert lc.rank_for("model.layers.0.self_attn.q_proj") == 16
+    assert lc.rank_for("model.layers.1.mlp.up_proj") == 4
+    assert lc.rank_for("model.layers.0.self_attn.k_proj") == 8
+    assert lc.rank_for("model.layers.0.self_attn.xq_proj") == 8  # a suffix match needs the dot
+    assert lc.scaling_for_rank(16) == 1.0 and lc.scaling == 2.0

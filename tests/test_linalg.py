@@ -102,6 +102,53 @@ def test_randomized_svd_rejects_bad_options(kwargs, match):
         linalg.randomized_svd(torch.randn(10, 10), 2, **kwargs)
 
 
+@pytest.mark.parametrize("m, n, rank, whiten", [(120, 80, 10, False), (60, 150, 8, True), (100, 100, 30, True)])
+def test_block_krylov_svd_matches_exact_on_decaying_spectrum(m, n, rank, whiten):
+    R = _low_rank_plus_noise(m, n, decay=0.85)
+    L = linalg.damped_cholesky(_gram(3 * n, n, seed=3), damp=1e-3)[0] if whiten else None
+    ex = linalg.exact_svd(R, rank, L)
+    ks = linalg.block_krylov_svd(R, rank, L, seed=0)
+    torch.testing.assert_close(ks.S, ex.S, rtol=1e-6, atol=1e-12)
+    E = R if L is None else R @ L
+    torch.testing.assert_close((ks.U * ks.S) @ ks.Vh, (ex.U * ex.S) @ ex.Vh, rtol=1e-5, atol=1e-8 * float(E.norm()))
+    torch.testing.assert_close(ks.U.T @ ks.U, torch.eye(rank, dtype=R.dtype), rtol=0, atol=1e-10)
+    torch.testing.assert_close(ks.Vh @ ks.Vh.T, torch.eye(rank, dtype=R.dtype), rtol=0, atol=1e-10)
+
+
+def _flat_whitened(m=600, n=400, seed=5):
+    """A flat spectrum like a whitened quantization error: Gaussian noise times a correlated L."""
+    g = torch.Generator().manual_seed(seed)
+    R = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(2 * n, n, generator=g, dtype=torch.float64) @ (torch.eye(n) + torch.randn(n, n, generator=g) / n**0.5).double()
+    return R, linalg.damped_cholesky(X.T @ X, 1e-6)[0]
+
+
+def test_block_krylov_beats_subspace_iteration_at_the_same_number_of_products_on_a_flat_spectrum():
+    R, L = _flat_whitened()
+    rank = 16
+    S = torch.linalg.svdvals(R @ L)
+    total, best = float(S.pow(2).sum()), float(S[:rank].pow(2).sum())
+
+    def gap(t):  # extra objective, relative to the optimal objective
+        return (best - float(t.S.pow(2).sum())) / (total - best)
+
+    # both take 10 products with E or E^T of width rank + oversample
+    rs = linalg.randomized_svd(R, rank, L, power_iters=4)
+    ks = linalg.block_krylov_svd(R, rank, L, power_iters=4)
+    assert gap(ks) < 0.25 * gap(rs), (gap(ks), gap(rs))
+    adaptive = linalg.block_krylov_svd(R, rank, L)
+    assert 0 <= gap(adaptive) < 2e-4, gap(adaptive)
+
+
+def test_block_krylov_svd_of_zero_is_zero_and_options_are_checked():
+    ks = linalg.block_krylov_svd(torch.zeros(50, 40), 4, power_iters=2)
+    assert torch.isfinite(ks.U).all() and float(ks.S.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="power_iters"):
+        linalg.block_krylov_svd(torch.randn(10, 10), 2, power_iters=-1)
+    with pytest.raises(ValueError, match="oversample"):
+        linalg.block_krylov_svd(torch.randn(10, 10), 2, oversample=-1)
+
+
 def test_truncated_svd_rejects_unknown_method():
     with pytest.raises(ValueError, match="svd"):
         linalg.truncated_svd(torch.randn(10, 10), 2, method="lanczos")
@@ -109,8 +156,8 @@ def test_truncated_svd_rejects_unknown_method():
 
 @pytest.mark.parametrize(
     "shape, rank, expected",
-    [((384, 384), 16, "exact"), ((4096, 4096), 64, "randomized"), ((11008, 4096), 64, "randomized"),
-     ((4096, 1536), 512, "exact"), ((2048, 2048), 16, "randomized")],
+    [((384, 384), 16, "exact"), ((4096, 4096), 64, "krylov"), ((11008, 4096), 64, "krylov"),
+     ((4096, 1536), 512, "exact"), ((2048, 2048), 16, "krylov")],
 )
 def test_choose_svd(shape, rank, expected):
     assert linalg.choose_svd(shape, rank) == expected

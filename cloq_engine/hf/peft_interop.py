@@ -63,6 +63,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
         # loader that follows this name (AutoPeftModel) fails instead of silently using W.
         "base_model_name_or_path": DEQUANTIZED_BASE.format(source=source),
         "r": lora["rank"],
+        "rank_pattern": dict(lora.get("rank_pattern") or {}),
         "lora_alpha": lora["alpha"],
         "lora_dropout": lora["dropout"],
         "use_rslora": lora["use_rslora"],

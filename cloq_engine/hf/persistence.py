@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -282,6 +283,8 @@ def empty_quant_layer(name: str, module: nn.Module, quant_config: QuantConfig, l
     dtype = dtype or module.weight.dtype
     if not dtype.is_floating_point:
         dtype = torch.float32
+    if lora_config.rank_pattern:  # this layer's own rank (PEFT's rank_pattern)
+        lora_config = dataclasses.replace(lora_config, rank=lora_config.rank_for(name), rank_pattern={})
     try:
         return QuantLoRALinear(in_f, out_f, quant_config, lora_config, bias=module.bias is not None,
                                device="meta", dtype=dtype)

@@ -110,7 +110,7 @@ class LayerBuilder:
             H = grams[names[0]]
             modules = [root.get_submodule(n) for n in names]
             Ws = [linear_weight(m) for m in modules]
-            inits = quantize_and_init(Ws, self.quant_config, self.lora_config, H)
+            inits = quantize_and_init(Ws, self.quant_config, self.lora_config, H, names=[prefix + n for n in names])
             for n, m, W, init in zip(names, modules, Ws, inits):
                 out[n] = build_layer(m, self.quant_config, self.lora_config, H, layer_cls=QuantLoRALinear, init=init)
                 self._record(prefix + n, W, H, init)
@@ -275,8 +275,9 @@ def check_layers(model: nn.Module, targets: List[str], quant_config: QuantConfig
         out_f, in_f = linear_weight(model.get_submodule(name)).shape
         if quant_config.group_size != -1 and in_f % quant_config.group_size:
             raise ValueError(f"layer {name!r}: in_features={in_f} is not divisible by group_size={quant_config.group_size}")
-        if lora_config.rank > min(in_f, out_f):
-            raise ValueError(f"layer {name!r}: rank={lora_config.rank} exceeds min(in_features, out_features)={min(in_f, out_f)}")
+        rank = lora_config.rank_for(name)
+        if rank > min(in_f, out_f):
+            raise ValueError(f"layer {name!r}: rank={rank} exceeds min(in_features, out_features)={min(in_f, out_f)}")
 
 
 _check_layers = check_layers  # the name used before

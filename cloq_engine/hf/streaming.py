@@ -36,8 +36,9 @@ from torch import nn
 from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
 from ..convert import mark_trainable, replace_modules
-from .persistence import (ALIASES_KEY, CONFIG_NAME, WEIGHTS_NAME, _hf_config_dict, _same_view, _storage_key,
-                          empty_quant_layer, model_class_for, quantization_record, replace_dir, staging_dir)
+from .output_dir import write_dir_atomically
+from .persistence import (ALIASES_KEY, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _hf_config_dict, _same_view,
+                          _storage_key, empty_quant_layer, model_class_for, quantization_record, tensor_checksum)
 from .prepare import (REPORT_MODES, LayerBuilder, PrepareReport, check_layers, finish, needs_calibration,
                       run_sequential)
 from .targets import find_targets
@@ -95,6 +96,19 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+
+
+def _checksums(sources: List[str], extra: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """sha256 of every tensor of the ``sources`` files and ``extra``, one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    sums = {}
+    for src in sources:
+        with safe_open(src, framework="pt") as f:
+            for k in f.keys():
+                sums[k] = tensor_checksum(f.get_tensor(k))
+    sums.update({k: tensor_checksum(t) for k, t in extra.items()})
+    return sums
 
 
 def write_safetensors_streaming(sources: List[str], extra: Dict[str, torch.Tensor], file: str, metadata: dict) -> None:
@@ -310,12 +324,14 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
 
     finish(model, quant_config, lora_config, targets)
     model.cloq_config["base_model"] = model_path
-    record = quantization_record(model)
     state, aliases = _outside_state(model, stack_name)
+    sources = [_block_file(partial, i) for i in range(len(blocks))]
+    record = {**quantization_record(model), "format_version": FORMAT_VERSION,
+              "checksums": _checksums(sources, state)}  # as save_pretrained records them: verified on load
     metadata = {"format": "pt", ALIASES_KEY: json.dumps(aliases, sort_keys=True)}
-    with staging_dir(out) as tmp:
-        write_safetensors_streaming([_block_file(partial, i) for i in range(len(blocks))], state,
-                                    os.path.join(tmp, WEIGHTS_NAME), metadata)
+
+    def write(tmp: str) -> None:
+        write_safetensors_streaming(sources, state, os.path.join(tmp, WEIGHTS_NAME), metadata)
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(_hf_config_dict(model, record), f, indent=2, sort_keys=True)
             f.write("\n")
@@ -324,7 +340,8 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out)
+
+    write_dir_atomically(out, write)
     shutil.rmtree(partial, ignore_errors=True)
     logger.info("prepared %d blocks of %s into %s in %.1f s", len(blocks), model_path, out, rep.total_s)
     return out

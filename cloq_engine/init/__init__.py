@@ -1,16 +1,18 @@
-"""LoRA initialisation from ``(W, Q, H)``: cloq | quailora | loftq | zero (DESIGN.md §4).
+"""LoRA initialisation from ``(W, Q, H)``: cloq | quailora | loftq | svd | zero (DESIGN.md §4).
 
 * :func:`init_lora` computes factors for a given quantized weight: ``scaling·B·A ≈ W - Q`` in the
   calibrated norm ``tr(M H M^T)``.
 * :func:`init_loftq` runs LoftQ's alternation, which re-quantizes, so it returns the new weight.
-* :func:`initialize` is the one call a model driver needs: quantize, then initialise, any method.
+* :func:`initialize` is the one call a model driver needs: quantize, then initialise (any
+  method, options from the LoRAConfig), then optionally re-quantize jointly (:mod:`.requant`).
 
-All factors come back float32 on W's device; the work runs on that device.
+Methods live in a registry (:mod:`.registry`) that the method modules fill. All factors come back
+float32 on W's device; the work runs on that device.
 """
 from __future__ import annotations
 
-import enum
 import math
+import time
 from typing import Optional, Tuple
 
 import torch
@@ -19,30 +21,18 @@ from ..config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
 from ..formats import QuantizedWeight
 from ..quant import quantize_weight
 from .cloq import cloq
-from .loftq import DEFAULT_NUM_ITERS, loftq, svd_init
+from .loftq import DEFAULT_NUM_ITERS, loftq, svd, svd_init
 from .objective import calibrated_error
 from .quailora import quailora
-from .zero import zero_init
+from .registry import InitSpec, get_init, init_method, register_init
+from .requant import requantize
+from .zero import zero, zero_init
 
-__all__ = ["init_lora", "init_loftq", "initialize", "calibrated_error", "cloq", "quailora", "loftq", "zero_init"]
+__all__ = ["init_lora", "init_loftq", "initialize", "init_options", "calibrated_error", "cloq", "quailora",
+           "loftq", "svd", "svd_init", "zero", "zero_init", "requantize", "register_init", "get_init", "InitSpec"]
 
-_SVD_OPTS = ("svd", "oversample", "power_iters", "seed")
-_ALLOWED_OPTS = {
-    InitMethod.CLOQ: _SVD_OPTS + ("damp", "max_tries", "dtype"),
-    InitMethod.QUAILORA: _SVD_OPTS + ("damp", "iters", "tol", "history", "dtype"),
-    InitMethod.LOFTQ: _SVD_OPTS + ("dtype",),
-    InitMethod.ZERO: ("seed",),
-}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _method(method) -> InitMethod:
-    try:
-        return InitMethod(method.value if isinstance(method, enum.Enum) else str(method).lower())
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in InitMethod)
-        raise ValueError(f"`method` must be one of {allowed}; got {method!r}") from None
 
 
 def _check_W(W) -> None:
@@ -82,12 +72,11 @@ def _check_H(H, in_features: int) -> None:
         raise ValueError("`H` is zero (no calibration activations reached this layer)")
 
 
-def _check_opts(method: InitMethod, opts: dict) -> torch.dtype:
-    unknown = sorted(set(opts) - set(_ALLOWED_OPTS[method]))
+def _check_opts(spec: InitSpec, opts: dict) -> torch.dtype:
+    allowed = spec.options + ("dtype",)
+    unknown = sorted(set(opts) - set(allowed))
     if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for method={method.value!r}; allowed: {list(_ALLOWED_OPTS[method])}"
-        )
+        raise ValueError(f"unknown option(s) {unknown} for method={spec.method.value!r}; allowed: {list(allowed)}")
     dtype = opts.pop("dtype", torch.float32)
     if dtype not in _COMPUTE_DTYPES:
         raise ValueError(f"`dtype` must be torch.float32 or torch.float64; got {dtype!r}")
@@ -98,23 +87,29 @@ def init_lora(W: torch.Tensor, qw: QuantizedWeight, H: Optional[torch.Tensor], r
               scaling: float = 1.0, **opts) -> Tuple[torch.Tensor, torch.Tensor]:
     """LoRA factors ``(A, B)``, A (rank, in) and B (out, rank), with ``scaling·B·A ≈ W - qw.dequantize()``.
 
-    Methods (``opts`` in brackets):
+    Methods (``opts`` in brackets; every method but "zero" also takes ``dtype``):
 
     * "cloq": the closed-form optimum of ``tr(M H M^T)`` [damp, max_tries, svd, oversample,
-      power_iters, seed, dtype]. ``svd`` is "auto" (exact for small layers, randomized for large),
-      "exact" or "randomized". ``damp`` (default 1e-6) is relative to mean(diag H), grown only if the
+      power_iters, seed, dtype]. ``svd`` is "auto" (exact for small layers, block Krylov for
+      large), "exact", "randomized" or "krylov"; ``power_iters`` None iterates until the captured
+      energy settles. ``damp`` (default 1e-6) is relative to mean(diag H), grown only if the
       Cholesky fails. ``dtype`` (float32 default, or float64) is the compute precision.
     * "quailora": ALS on the same objective from the SVD of ``W - Q`` [iters, tol, damp, svd, ...,
       history: a list that receives the objective after each sweep].
-    * "loftq": with Q fixed, one LoftQ step: the plain rank-r SVD of ``W - Q`` (``H`` unused); use
-      :func:`init_loftq` for the alternation that also re-quantizes.
+    * "svd": the plain rank-r SVD of ``W - Q`` (one LoftQ step with Q fixed; ``H`` unused).
     * "zero": ``B = 0``, A Kaiming-uniform as in PEFT [seed]; ``H`` unused.
 
+    "loftq" re-quantizes W, so it is not available here: use :func:`init_loftq` or :func:`initialize`.
     ``H`` (in, in) is required by "cloq" and "quailora". Returns float32 tensors on ``W``'s device.
     """
-    method = _method(method)
+    spec = get_init(method)
+    if spec.requantizes:
+        raise ValueError(
+            f"method={spec.method.value!r} re-quantizes W and returns a new Q: use init_loftq() or initialize(); "
+            "method='svd' is the plain SVD of W - Q with Q fixed"
+        )
     opts = dict(opts)
-    dtype = _check_opts(method, opts)
+    dtype = _check_opts(spec, opts)
     _check_W(W)
     if not isinstance(qw, QuantizedWeight):
         raise ValueError(f"`qw` must be a QuantizedWeight; got {type(qw).__name__}")
@@ -122,20 +117,21 @@ def init_lora(W: torch.Tensor, qw: QuantizedWeight, H: Optional[torch.Tensor], r
         raise ValueError(f"`qw` has shape {tuple(qw.shape)} but `W` has shape {tuple(W.shape)}")
     _check_rank(rank, W.shape)
     _check_scaling(scaling)
-    out_features, in_features = W.shape
+    in_features = W.shape[1]
     device = W.device
-    if method == InitMethod.ZERO:
-        return zero_init(out_features, in_features, rank, device=device, seed=opts.get("seed"))
-    R = W.to(dtype) - qw.dequantize().to(device=device, dtype=dtype)
-    if method == InitMethod.LOFTQ:
-        A, B = svd_init(R, rank, scaling, **opts)
+    if spec.method == InitMethod.ZERO:
+        R = W  # zero init reads only the shape and device
     else:
+        R = W.to(dtype) - qw.dequantize().to(device=device, dtype=dtype)
+    Hc = None
+    if spec.needs_H:
         if H is None:
-            raise ValueError(f"method={method.value!r} needs the calibration Gram matrix `H` (in_features x in_features)")
+            raise ValueError(
+                f"method={spec.method.value!r} needs the calibration Gram matrix `H` (in_features x in_features)"
+            )
         _check_H(H, in_features)
         Hc = H.to(device=device, dtype=dtype)
-        fn = cloq if method == InitMethod.CLOQ else quailora
-        A, B = fn(R, Hc, rank, scaling, **opts)
+    A, B = spec.fn(R, Hc, rank, scaling, **opts)
     return A.float().contiguous(), B.float().contiguous()
 
 
@@ -149,8 +145,11 @@ def init_loftq(W: torch.Tensor, quant_config: QuantConfig, rank: int, scaling: f
     """
     if not isinstance(quant_config, QuantConfig):
         raise TypeError(f"`quant_config` must be a QuantConfig; got {type(quant_config).__name__}")
+    spec = get_init(InitMethod.LOFTQ)
     opts = dict(opts)
-    dtype = _check_opts(InitMethod.LOFTQ, opts)
+    if "iters" in opts:
+        raise ValueError("init_loftq takes `num_iters`, not `iters`")
+    dtype = _check_opts(spec, opts)
     _check_W(W)
     _check_rank(rank, W.shape)
     _check_scaling(scaling)
@@ -158,27 +157,69 @@ def init_loftq(W: torch.Tensor, quant_config: QuantConfig, rank: int, scaling: f
         raise ValueError(f"`num_iters` must be a positive integer; got {num_iters!r}")
     if quant_config.method == QuantMethod.GPTQ and H is None:
         raise ValueError("LoftQ with a GPTQ quantizer needs the calibration Gram matrix `H`")
-    qw, A, B = loftq(W.to(dtype), quant_config, rank, scaling, num_iters, H=H, **opts)
+    qw, A, B = spec.fn(W.to(dtype), quant_config, rank, scaling, H=H, iters=num_iters, **opts)
     return qw, A.float().contiguous(), B.float().contiguous()
 
 
-def initialize(W: torch.Tensor, quant_config: QuantConfig, lora_config: LoRAConfig,
-               H: Optional[torch.Tensor] = None) -> Tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
-    """Quantize ``W`` and initialise its LoRA factors as ``lora_config.init`` says: ``(qw, A, B)``.
+# LoRAConfig field -> init option, for the methods whose registry entry accepts that option.
+_CONFIG_OPTIONS = (("init_solver", "svd"), ("init_power_iters", "power_iters"), ("init_damp", "damp"),
+                   ("init_iters", "iters"))
 
-    ``H`` is required by GPTQ and by the calibrated inits ("cloq", "quailora").
+
+def init_options(lora_config: LoRAConfig) -> dict:
+    """The ``init_lora``/LoftQ options that ``lora_config``'s init fields set for its method."""
+    spec = get_init(lora_config.init)
+    opts = {}
+    for field, opt in _CONFIG_OPTIONS:
+        value = getattr(lora_config, field)
+        if opt in spec.options and value is not None:
+            opts[opt] = value.value if field == "init_solver" else value
+    return opts
+
+
+def initialize(W: torch.Tensor, quant_config: QuantConfig, lora_config: LoRAConfig,
+               H: Optional[torch.Tensor] = None, name: Optional[str] = None, history: Optional[list] = None,
+               timings: Optional[dict] = None) -> Tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
+    """Quantize ``W`` and initialise its LoRA factors as ``lora_config`` says: ``(qw, A, B)``.
+
+    ``H`` is required by GPTQ and by the calibrated inits ("cloq", "quailora"). ``name`` (the
+    layer's qualified name) picks its rank from ``lora_config.rank_pattern``. With
+    ``lora_config.requant_rounds`` the quantizer and the init then alternate (:mod:`.requant`);
+    ``history``, if a list, receives the calibrated objective of each of those rounds; ``timings``,
+    if a dict, receives "quantize_s" and "init_s" (wall seconds; re-quantization counts as init).
     """
     if not isinstance(quant_config, QuantConfig):
         raise TypeError(f"`quant_config` must be a QuantConfig; got {type(quant_config).__name__}")
     if not isinstance(lora_config, LoRAConfig):
         raise TypeError(f"`lora_config` must be a LoRAConfig; got {type(lora_config).__name__}")
-    method = lora_config.init
-    if H is None and method in (InitMethod.CLOQ, InitMethod.QUAILORA):
-        raise ValueError(f"init={method.value!r} needs the calibration Gram matrix `H` (in_features x in_features)")
+    spec = get_init(lora_config.init)
+    if H is None and spec.needs_H:
+        raise ValueError(
+            f"init={spec.method.value!r} needs the calibration Gram matrix `H` (in_features x in_features)"
+        )
     _check_W(W)
-    _check_rank(lora_config.rank, W.shape)
-    if method == InitMethod.LOFTQ:
-        return init_loftq(W.float(), quant_config, lora_config.rank, lora_config.scaling, H=H)
+    rank = lora_config.rank if name is None else lora_config.rank_for(name)
+    scaling = lora_config.scaling_for_rank(rank)
+    _check_rank(rank, W.shape)
+    opts = init_options(lora_config)
+    W = W.float()
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    if spec.requantizes:
+        iters = opts.pop("iters", DEFAULT_NUM_ITERS)
+        qw, A, B = init_loftq(W, quant_config, rank, scaling, num_iters=iters, H=H, **opts)
+        timings.update(quantize_s=0.0, init_s=time.perf_counter() - t0)
+        return qw, A, B
     qw = quantize_weight(W, quant_config, H=H)
-    A, B = init_lora(W.float(), qw, H, lora_config.rank, method=method, scaling=lora_config.scaling)
+    t1 = time.perf_counter()
+    A, B = init_lora(W, qw, H, rank, method=spec.method, scaling=scaling, **opts)
+    if lora_config.requant_rounds:
+        def solve(R):
+            return spec.fn(R, H.to(device=W.device, dtype=W.dtype), rank, scaling, **opts)
+
+        qw, A, B = requantize(W, H.to(device=W.device, dtype=W.dtype), quant_config, qw, A, B, solve,
+                              scaling=scaling, rounds=lora_config.requant_rounds, tol=lora_config.requant_tol,
+                              history=history)
+        A, B = A.float().contiguous(), B.float().contiguous()
+    timings.update(quantize_s=t1 - t0, init_s=time.perf_counter() - t1)
     return qw, A, B

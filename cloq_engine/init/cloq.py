@@ -11,19 +11,25 @@ from typing import Optional, Tuple
 import torch
 
 from .. import linalg
+from ..config import InitMethod
+from .registry import register_init
 
 logger = logging.getLogger(__name__)
 
 # Default relative damping: small enough that the damped optimum is the undamped one to ~1e-5 when H
 # is well conditioned; grown geometrically only when the Cholesky fails.
 DEFAULT_DAMP = 1e-6
-# Power iterations of the randomized range finder under svd="auto"/"randomized" (see benchmarks/init.py).
-DEFAULT_POWER_ITERS = 4
+# None: block Krylov (svd="auto" on large layers) iterates until the captured energy settles;
+# svd="randomized" then takes linalg.DEFAULT_POWER_ITERS subspace iterations (see benchmarks/init.py).
+DEFAULT_POWER_ITERS = None
 DEFAULT_OVERSAMPLE = None  # max(16, rank)
+# Options of every method that takes a truncated SVD (linalg.truncated_svd).
+SVD_OPTIONS = ("svd", "oversample", "power_iters", "seed")
 
 
+@register_init(InitMethod.CLOQ, needs_H=True, options=SVD_OPTIONS + ("damp", "max_tries"))
 def cloq(R: torch.Tensor, H: torch.Tensor, rank: int, scaling: float = 1.0, damp: float = DEFAULT_DAMP,
-         svd: str = "auto", oversample: Optional[int] = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS,
+         svd: str = "auto", oversample: Optional[int] = DEFAULT_OVERSAMPLE, power_iters: Optional[int] = DEFAULT_POWER_ITERS,
          seed: Optional[int] = 0, max_tries: int = 12) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` minimising ``tr((R - s·B·A) H (R - s·B·A)^T)``; R (out, in), H (in, in), same dtype."""
     L, lam = linalg.damped_cholesky(H, damp=damp, max_tries=max_tries)

@@ -17,7 +17,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import linalg
-from .cloq import DEFAULT_DAMP, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+from ..config import InitMethod
+from .cloq import DEFAULT_DAMP, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, SVD_OPTIONS
+from .registry import register_init
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +32,10 @@ def _objective(R: torch.Tensor, H: torch.Tensor, P: torch.Tensor, A: torch.Tenso
     return float(((M @ H) * M).sum())
 
 
+@register_init(InitMethod.QUAILORA, needs_H=True, options=SVD_OPTIONS + ("damp", "iters", "tol", "history"))
 def quailora(R: torch.Tensor, H: torch.Tensor, rank: int, scaling: float = 1.0, iters: int = DEFAULT_ITERS,
              tol: float = 0.0, damp: float = DEFAULT_DAMP, svd: str = "auto",
-             oversample: Optional[int] = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS,
+             oversample: Optional[int] = DEFAULT_OVERSAMPLE, power_iters: Optional[int] = DEFAULT_POWER_ITERS,
              seed: Optional[int] = 0, history: Optional[List[float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` after ``iters`` ALS sweeps (fewer if the relative improvement drops below ``tol``).
 

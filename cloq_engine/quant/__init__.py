@@ -1,4 +1,5 @@
-"""Weight quantizers: ``quantize_weight(W, config, H=None)`` dispatches on ``config.method``."""
+"""Weight quantizers: ``quantize_weight(W, config, H=None)`` dispatches on ``config.method`` through
+the registry that :mod:`.rtn`, :mod:`.gptq` and :mod:`.nf4` fill."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +8,16 @@ import torch
 
 from ..config import QuantConfig, QuantMethod
 from ..formats import QuantizedWeight
+from . import gptq, nf4, rtn  # noqa: F401  (they register themselves)
+from .registry import get_quantizer, register_quantizer
 from .validate import check_hessian, check_weight
+
+__all__ = ["quantize_weight", "needs_calibration", "register_quantizer", "get_quantizer"]
+
+
+def needs_calibration(method) -> bool:
+    """Whether quantize method ``method`` reads the calibration Gram matrix H."""
+    return get_quantizer(QuantMethod(method)).needs_H
 
 
 def quantize_weight(W: torch.Tensor, config: QuantConfig, H: Optional[torch.Tensor] = None) -> QuantizedWeight:
@@ -20,16 +30,9 @@ def quantize_weight(W: torch.Tensor, config: QuantConfig, H: Optional[torch.Tens
     check_weight(W, config)
     if H is not None:
         check_hessian(H, W.shape[1])
-    if config.method == QuantMethod.RTN:
-        from .rtn import quantize_rtn
-
-        return quantize_rtn(W, config)
-    if config.method == QuantMethod.NF4:
-        from .nf4 import quantize_nf4
-
-        return quantize_nf4(W, config)
-    if H is None:
-        raise ValueError("method='gptq' needs the calibration Gram matrix `H` (in_features x in_features)")
-    from .gptq import quantize_gptq
-
-    return quantize_gptq(W, H, config)
+    spec = get_quantizer(config.method)
+    if spec.needs_H and H is None:
+        raise ValueError(
+            f"method={config.method.value!r} needs the calibration Gram matrix `H` (in_features x in_features)"
+        )
+    return spec.fn(W, config, H)

@@ -18,51 +18,36 @@ GPTQ decided.
 """
 from __future__ import annotations
 
-import warnings
+import math
 
 import torch
 
-from ..config import QuantConfig
+from .. import linalg
+from ..config import QuantConfig, QuantMethod
 from ..formats import QuantizedWeight, pack_codes
+from .registry import register_quantizer
 from .rtn import dequantize, fit_group, quantize
 
-_DAMP_TRIES = 5  # damp, 10·damp, ..., 10^4·damp
-_DAMP_AFTER_ZERO = 1e-6  # relative damping tried after damp=0 fails
 _MAX_REL_DAMP = 10.0  # never damp by more than 10·mean(diag H)
 
 
 def damped_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λI)^{-1}`` with ``λ = damp · mean(diag H)``.
 
-    If a Cholesky fails (H singular or slightly indefinite), the relative damping grows x10 and
-    the factorisation is retried; one warning names the damping that worked. Raises ValueError
-    when no damping up to ``10 · mean(diag H)`` works.
+    The damping is :func:`linalg.damped_cholesky`'s: grown x10 while the Cholesky fails (one
+    :class:`~cloq_engine.linalg.DampingWarning` names the damping that worked), but never past
+    ``10 · mean(diag H)``, where a Gram matrix cannot still be indefinite; then ValueError.
     """
-    k = H.shape[0]
-    mean_diag = torch.diag(H).mean()
-    eye = torch.eye(k, dtype=H.dtype, device=H.device)
-    rel = tried = float(damp)
-    for attempt in range(_DAMP_TRIES):
-        tried = rel
-        L, info = torch.linalg.cholesky_ex(H + rel * mean_diag * eye)
-        if info == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(Hinv).all():
-                if attempt:
-                    warnings.warn(
-                        f"GPTQ: Cholesky of H failed with damp={damp:g}; succeeded with damp={rel:g} "
-                        f"(λ = {rel:g} · mean(diag H))",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                return Hinv
-        rel = rel * 10 if rel > 0 else _DAMP_AFTER_ZERO
-        if rel > _MAX_REL_DAMP:
-            break
-    raise ValueError(
-        f"GPTQ: Cholesky of H + λI failed for every damping up to damp={tried:g} "
-        f"(starting from damp={damp:g}); H is far from positive semi-definite, is it really X^T X?"
-    )
+    first = damp if damp > 0 else 1e-8  # damped_cholesky's first non-zero damping
+    max_tries = (1 if damp > 0 else 2) + int(math.floor(math.log10(_MAX_REL_DAMP / first) + 1e-9))
+    try:
+        L, _ = linalg.damped_cholesky(H, damp=damp, max_tries=max(1, max_tries), growth=10.0)
+    except ValueError as e:
+        raise ValueError(f"GPTQ: {e}; is H really X^T X?") from None
+    Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(info) != 0 or not bool(torch.isfinite(Hinv).all()):
+        raise ValueError("GPTQ: Cholesky of (H + λI)^{-1} failed; H is too ill-conditioned in float32")
+    return Hinv
 
 
 def _pending(W, W1, Err1, Hinv, i1, i, i2, j2):
@@ -75,8 +60,9 @@ def _pending(W, W1, Err1, Hinv, i1, i, i2, j2):
     return cur[:, : j2 - i1 - i]
 
 
+@register_quantizer(QuantMethod.GPTQ, needs_H=True)
 @torch.no_grad()
-def quantize_gptq(W: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+def quantize_gptq(W: torch.Tensor, config: QuantConfig, H: torch.Tensor) -> QuantizedWeight:
     """GPTQ-quantize ``W`` (out, in) given ``H = X^T X`` (in, in); returns method="gptq" storage."""
     n, k = W.shape
     g = k if config.group_size == -1 else config.group_size

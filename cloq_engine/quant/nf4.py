@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import QuantConfig
+from ..config import QuantConfig, QuantMethod
 from ..formats import NF4_CODEBOOK, QuantizedWeight, pack_codes
+from .registry import register_quantizer
 
 _MIN_SCALE = 2.0**-24  # smallest positive float16: an all-zero block keeps a usable scale
 
@@ -26,9 +27,10 @@ def nearest_nf4(x: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x.float().contiguous(), midpoints)
 
 
+@register_quantizer(QuantMethod.NF4, needs_H=False)
 @torch.no_grad()
-def quantize_nf4(W: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
-    """NF4-quantize ``W`` (out, in) with one float16 absmax per block of ``group_size`` inputs."""
+def quantize_nf4(W: torch.Tensor, config: QuantConfig, H=None) -> QuantizedWeight:
+    """NF4-quantize ``W`` (out, in) with one float16 absmax per block of ``group_size`` inputs; ``H`` unused."""
     n, k = W.shape
     g = k if config.group_size == -1 else config.group_size
     blocks = W.detach().float().reshape(n, k // g, g)  # [N, G, g]

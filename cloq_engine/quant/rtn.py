@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import QuantConfig
+from ..config import QuantConfig, QuantMethod
 from ..formats import QuantizedWeight, pack_codes
+from .registry import register_quantizer
 
 _MIN_SCALE = 2.0**-24  # smallest positive float16 (subnormal)
 
@@ -62,8 +63,9 @@ def fit_group(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool):
     return scale, zero
 
 
-def quantize_rtn(W: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
-    """Round-to-nearest with per-group min-max (or symmetric) scales; W is (out, in)."""
+@register_quantizer(QuantMethod.RTN, needs_H=False)
+def quantize_rtn(W: torch.Tensor, config: QuantConfig, H=None) -> QuantizedWeight:
+    """Round-to-nearest with per-group min-max (or symmetric) scales; W is (out, in); ``H`` unused."""
     n, k = W.shape
     g = k if config.group_size == -1 else config.group_size
     maxq = 2**config.bits - 1

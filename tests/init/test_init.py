@@ -138,7 +138,8 @@ def test_calibrated_error_helper_matches_definition():
     (dict(rank=100), "rank"),
     (dict(H=torch.eye(10)), "H"),
     (dict(H=torch.full((32, 32), float("nan"))), "NaN|finite"),
-    (dict(method="svd"), "method"),
+    (dict(method="pissa"), "method"),
+    (dict(method="loftq"), "init_loftq"),
 ])
 def test_bad_input_raises_value_error(kwargs, match):
     W = torch.randn(16, 32)

@@ -17,7 +17,7 @@ def _layer(out=24, inp=64, tokens=200, seed=0):
     return torch.randn(out, inp, generator=g), X.t() @ X
 
 
-@pytest.mark.parametrize("init", ["cloq", "quailora", "loftq", "zero"])
+@pytest.mark.parametrize("init", ["cloq", "quailora", "loftq", "svd", "zero"])
 @pytest.mark.parametrize("quant", ["rtn", "gptq"])
 def test_initialize_returns_quantized_weight_and_float32_factors(init, quant):
     W, H = _layer()
@@ -88,10 +88,10 @@ def test_init_loftq_rejects_bad_input(kwargs, match):
         init_loftq(W, args.pop("quant_config"), args.pop("rank"), **args)
 
 
-def test_init_lora_loftq_with_fixed_Q_is_plain_svd_and_ignores_H():
+def test_init_lora_svd_with_fixed_Q_is_plain_svd_and_ignores_H():
     W, _ = _layer()
     qw = ce.quantize_weight(W, RTN2)
-    A, B = ce.init_lora(W, qw, None, 4, method="loftq")
+    A, B = ce.init_lora(W, qw, None, 4, method="svd")
     U, S, Vh = torch.linalg.svd((W - qw.dequantize()).double())
     torch.testing.assert_close((B @ A).double(), (U[:, :4] * S[:4]) @ Vh[:4], rtol=1e-4, atol=1e-5)
 
@@ -157,10 +157,10 @@ def test_cloq_float64_compute_and_singular_H_warning_once():
 
 # W - Q of an uncalibrated layer has a flat spectrum (σ4/σ5 = 1.08 here), so the randomized SVD
 # needs more subspace iterations than the default 4 to reach the exact top-4 product: with 4, the
-# CUDA generator's sketch missed it by 3e-4 (LoftQ failed here on CUDA); 8 reach 2e-6 on CPU.
+# CUDA generator's sketch missed it by 3e-4 (the one-shot SVD init, then named loftq, failed here on CUDA); 8 reach 2e-6 on CPU.
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["cloq", "quailora", "loftq", "zero"])
+@pytest.mark.parametrize("method", ["cloq", "quailora", "svd", "zero"])
 def test_factors_stay_on_the_cuda_device(method):
     W, H = _layer()
     qw = ce.quantize_weight(W, RTN2)
@@ -171,17 +171,17 @@ def test_factors_stay_on_the_cuda_device(method):
     torch.testing.assert_close((B @ A).cpu(), Bc @ Ac, rtol=1e-3, atol=1e-4)
 
 
-def test_loftq_randomized_svd_reaches_the_exact_product_with_enough_power_iterations():
+def test_svd_randomized_svd_reaches_the_exact_product_with_enough_power_iterations():
     """The CPU side of the CUDA test above (same layer, three sketches)."""
     W, H = _layer()
     qw = ce.quantize_weight(W, RTN2)
-    Ac, Bc = ce.init_lora(W, qw, H, 4, method="loftq", svd="exact")
+    Ac, Bc = ce.init_lora(W, qw, H, 4, method="svd", svd="exact")
     for seed in range(3):
-        A, B = ce.init_lora(W, qw, H, 4, method="loftq", svd="randomized", power_iters=8, seed=seed)
+        A, B = ce.init_lora(W, qw, H, 4, method="svd", svd="randomized", power_iters=8, seed=seed)
         torch.testing.assert_close(B @ A, Bc @ Ac, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["cloq", "quailora", "loftq"])
+@pytest.mark.parametrize("method", ["cloq", "quailora", "svd"])
 def test_exactly_representable_weight_gives_zero_factors(method):
     W, H = _layer()
     qw = ce.quantize_weight(W, RTN2)

@@ -1,0 +1,222 @@
+"""Start from and ship to the GPTQ ecosystem.
+
+* :func:`prepare_from_gptq`: keep the Q of an existing GPTQ checkpoint (AutoGPTQ / GPTQModel
+  layout, :mod:`.gptq_format`) and compute the calibrated LoRA init against the original W.
+* :func:`export_gptq`: write a prepared model's base in the GPTQ layout (``model.safetensors``,
+  ``config.json`` with its ``quantization_config``, ``quantize_config.json``) plus the PEFT
+  adapter in ``adapter/``, which transformers (with optimum/gptqmodel), vLLM and TGI load.
+* :func:`export_merged`: the dense merge (``merge_and_unload``) saved with ``save_pretrained``.
+
+``cmd_export`` and ``cmd_prepare_from_gptq`` are the ``cloq export`` / ``cloq prepare --from-gptq``
+commands.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import gptq_format
+from .config import LoRAConfig, QuantConfig, QuantMethod
+from .formats import QuantizedWeight
+from .nn import QuantLoRALinear, linear_weight
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+
+
+# ---- import -------------------------------------------------------------------------------------
+def quant_config_for(cfg: gptq_format.GPTQCheckpointConfig) -> QuantConfig:
+    """The QuantConfig that describes a GPTQ checkpoint's layers (ValueError if we cannot hold them)."""
+    try:
+        return QuantConfig(bits=cfg.bits, group_size=cfg.group_size, method="gptq", sym=cfg.sym)
+    except ValueError as e:
+        raise ValueError(f"this GPTQ checkpoint cannot be imported: {e}") from None
+
+
+def prepare_from_gptq(model: nn.Module, gptq_dir: str, lora_config: LoRAConfig, calib: Optional[Iterable] = None,
+                      progress: bool = False) -> nn.Module:
+    """Replace the layers that ``gptq_dir`` quantized by :class:`QuantLoRALinear` holding exactly its Q,
+    with LoRA factors initialised by ``lora_config.init`` against ``model``'s original weights.
+
+    ``model`` is the original full-precision model the checkpoint was made from (layer names must
+    match). Calibrated inits ("cloq", "quailora") need ``calib`` and run block by block as
+    :func:`~cloq_engine.hf.prepare_model` does; ``requant_rounds`` is ignored (Q is kept).
+    """
+    from . import calib as calib_mod
+    from . import init as init_mod
+    from .convert import mark_trainable, replace_modules
+    from .hf.prepare import LayerBuilder, PrepareReport, run_sequential
+
+    cfg = gptq_format.read_gptq_config(gptq_dir)
+    quant_config = quant_config_for(cfg)
+    imported: Dict[str, QuantizedWeight] = gptq_format.load_gptq_weights(gptq_dir)
+    modules = dict(model.named_modules())
+    missing = [n for n in imported if n not in modules]
+    if missing:
+        raise ValueError(f"the GPTQ checkpoint has layers the model lacks (is --model the original?): {missing[:5]}")
+    targets = list(imported)
+    for name in targets:
+        W = linear_weight(modules[name])
+        if tuple(W.shape) != tuple(imported[name].shape):
+            raise ValueError(f"layer {name!r}: the model's weight is {tuple(W.shape)}, the checkpoint's {tuple(imported[name].shape)}")
+    spec = init_mod.get_init(lora_config.init)
+    if spec.requantizes:
+        raise ValueError(f"init={lora_config.init.value!r} re-quantizes W; an imported Q is kept: use cloq, quailora, svd or zero")
+    opts = init_mod.init_options(lora_config)
+
+    def layer_fn(name, module, H):
+        W = linear_weight(module).float()
+        qw = imported[name].to(W.device)
+        rank = lora_config.rank_for(name)
+        A, B = init_mod.init_lora(W, qw, None if H is None else H.float(), rank, method=lora_config.init,
+                                  scaling=lora_config.scaling_for_rank(rank), **opts)
+        layer_config = LoRAConfig.from_dict({**lora_config.to_dict(), "rank": rank, "rank_pattern": {},
+                                             "requant_rounds": 0})
+        dtype = module.weight.dtype if module.weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        return QuantLoRALinear.from_quantized(qw, A, B, layer_config, quant_config, bias=module.bias, dtype=dtype)
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    calib_list = None if calib is None else list(calib)
+    if spec.needs_H:
+        if not calib_list:
+            raise ValueError(f"init={lora_config.init.value!r} needs calibration data: pass `calib`")
+        class KeepQ(LayerBuilder):  # the sequential driver, building layers around the imported Q
+            def build(self, root, grams, prefix=""):
+                return {n: layer_fn(prefix + n, root.get_submodule(n), H) for n, H in grams.items()}
+
+        builder = KeepQ(quant_config, lora_config, PrepareReport(), report_mode="off")
+        run_sequential(model, targets, calib_mod.batch_samples(calib_list, 8, device), builder, progress=progress)
+    else:
+        replace_modules(model, {n: layer_fn(n, modules[n], None) for n in targets})
+    mark_trainable(model)
+    model.train(was_training)
+    model.cloq_config = {"quant": quant_config.to_dict(), "lora": lora_config.to_dict(), "targets": targets,
+                         "gptq_source": os.path.abspath(gptq_dir)}
+    return model
+
+
+# ---- export -------------------------------------------------------------------------------------
+def _quant_layers(model: nn.Module) -> Dict[str, QuantLoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
+
+
+def gptq_state_dict(model: nn.Module, checkpoint_format: str = "gptq") -> Dict[str, torch.Tensor]:
+    """The base model's tensors in the GPTQ layout: quantized layers as qweight/qzeros/scales/g_idx
+    (+ bias), every other parameter and buffer as is; LoRA factors left out."""
+    layers = _quant_layers(model)
+    if not layers:
+        raise ValueError("the model has no QuantLoRALinear layers: prepare or load a cloq model first")
+    own = {f"{n}.{b}" for n in layers for b in ("qweight", "scales", "zeros", "perm", "lora_A", "lora_B")}
+    state, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if key in own:
+            continue
+        ptr = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if t.numel() and ptr in seen:  # a tied weight: transformers re-ties it on load
+            continue
+        seen.add(ptr)
+        state[key] = t.detach().contiguous().cpu()
+    for name, layer in layers.items():
+        for key, t in gptq_format.to_gptq(layer.quantized_weight.to("cpu"), checkpoint_format).items():
+            state[f"{name}.{key}"] = t
+    return state
+
+
+def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "gptq", tokenizer=None) -> str:
+    """Write ``model``'s quantized base in the GPTQ layout and its LoRA factors as a PEFT adapter.
+
+    ``out_dir/model.safetensors``, ``config.json`` (``quantization_config``: quant_method "gptq"),
+    ``quantize_config.json``; ``out_dir/adapter/`` the PEFT adapter. Format "gptq" (v1) is what
+    AutoGPTQ, transformers/optimum and vLLM read; "gptq_v2" (GPTQModel) stores exact zeros.
+    """
+    from safetensors.torch import save_file
+
+    from .hf.peft_interop import export_peft_adapter
+
+    layers = _quant_layers(model)
+    first = next(iter(layers.values()), None)
+    if first is None:
+        raise ValueError("the model has no QuantLoRALinear layers: prepare or load a cloq model first")
+    bits_set = {(m.bits, m.group_size, m.method) for m in layers.values()}
+    if len(bits_set) != 1:
+        raise ValueError(f"GPTQ checkpoints hold one bits/group_size for all layers; this model mixes {sorted(bits_set)}")
+    if first.method == QuantMethod.NF4.value:
+        raise ValueError("NF4 weights have no GPTQ layout; prepare with --quantizer gptq or rtn")
+    state = gptq_state_dict(model, checkpoint_format)
+    gcfg = gptq_format.GPTQCheckpointConfig(
+        bits=first.bits, group_size=first.group_size, desc_act=any(m.perm is not None for m in layers.values()),
+        sym=bool(first.quant_config.sym), checkpoint_format=checkpoint_format)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "quantize_config.json"), "w") as f:
+        json.dump(gcfg.to_json(), f, indent=2)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        d = config.to_dict()
+        d["quantization_config"] = gcfg.to_json()
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(d, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    export_peft_adapter(model, os.path.join(out_dir, ADAPTER_DIR))
+    logger.info("exported %d GPTQ layers (%d-bit, %s) and the adapter to %s", len(layers), gcfg.bits,
+                checkpoint_format, out_dir)
+    return out_dir
+
+
+def export_merged(model: nn.Module, out_dir: str, tokenizer=None, dtype: Optional[torch.dtype] = None) -> str:
+    """The dense model with the adapter merged in (``merge_and_unload``), saved with ``save_pretrained``."""
+    from .hf.merge import merge_and_unload
+
+    dense = merge_and_unload(model, dtype=dtype)
+    dense.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# ---- commands -----------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    """``cloq export CHECKPOINT --format gptq|merged --out DIR [--checkpoint-format gptq|gptq_v2]``."""
+    from .commands import _load_checkpoint
+
+    model, tok, _ = _load_checkpoint(args.checkpoint)
+    out = args.out or f"{args.checkpoint.rstrip('/')}-{args.format}"
+    if args.format == "gptq":
+        export_gptq(model, out, checkpoint_format=args.checkpoint_format, tokenizer=tok)
+    else:
+        export_merged(model, out, tokenizer=tok)
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
+def cmd_prepare_from_gptq(args) -> int:
+    """``cloq prepare --from-gptq DIR --model ORIG --out OUT``: keep DIR's Q, calibrated init against ORIG."""
+    from . import data
+    from .commands import _calibration, _init_fields
+    from .hf.persistence import save_pretrained
+    from .hf.quantizer import attach_quantization_config
+
+    if not args.model:
+        raise ValueError("--from-gptq needs --model: the original full-precision model the checkpoint came from")
+    t0 = time.perf_counter()
+    model, tok = data.load_model(args.model)
+    fields = {k: v for k, v in _init_fields(args).items() if k != "requant_rounds"}  # Q is kept
+    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=args.init, **fields)
+    calib = _calibration(args, tok) if lc.init.value in ("cloq", "quailora") else None
+    prepare_from_gptq(model, args.from_gptq, lc, calib=calib, progress=not args.no_progress)
+    model.cloq_config["base_model"] = os.path.abspath(args.model)
+    attach_quantization_config(model)
+    save_pretrained(model, args.out, tokenizer=tok, overwrite=getattr(args, "overwrite", False))
+    print(f"kept the Q of {len(model.cloq_config['targets'])} GPTQ layers from {args.from_gptq}; "
+          f"init={lc.init.value} rank={lc.rank}; wrote {args.out} in {time.perf_counter() - t0:.1f}s")
+    return 0

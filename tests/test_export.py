@@ -1,0 +1,70 @@
+"""Export to the GPTQ layout + PEFT adapter, import of a GPTQ checkpoint with a calibrated init, and the CLI."""
+import copy
+import json
+
+import pytest
+import torch
+
+import cloq_engine as ce
+from cloq_engine import export, gptq_format
+from cloq_engine.nn import QuantLoRALinear
+from tiny_models import tiny_calib, tiny_model
+
+
+def _prepared(arch="llama", bits=4, init="cloq"):
+    model = tiny_model(arch)
+    ce.prepare_model(model, ce.QuantConfig(bits=bits, group_size=32, method="gptq"),
+                     ce.LoRAConfig(rank=4, alpha=8, init=init), calib=tiny_calib(4))
+    return model
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_export_gptq_writes_the_base_bit_exactly_and_the_adapter(tmp_path, bits):
+    model = _prepared(bits=bits)
+    out = export.export_gptq(model, str(tmp_path / "gptq"), checkpoint_format="gptq_v2")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
+    weights = gptq_format.load_gptq_weights(out)
+    assert set(weights) == set(layers)
+    for name, layer in layers.items():
+        assert torch.equal(weights[name].dequantize(), layer.quantized_weight.dequantize()), name
+    tensors = gptq_format.read_gptq_tensors(out)
+    assert not any("lora_" in k for k in tensors)
+    assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight.detach())
+    qcfg = json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())
+    assert qcfg["bits"] == bits and qcfg["group_size"] == 32 and qcfg["checkpoint_format"] == "gptq_v2"
+    assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    adapter = json.loads((tmp_path / "gptq" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == sorted(layers)
+
+
+def test_export_rejects_nf4(tmp_path):
+    model = tiny_model("llama")
+    ce.prepare_model(model, ce.QuantConfig(bits=4, group_size=32, method="nf4"), ce.LoRAConfig(rank=4, init="zero"))
+    with pytest.raises(ValueError, match="NF4"):
+        export.export_gptq(model, str(tmp_path / "x"))
+
+
+def test_prepare_from_gptq_keeps_q_and_calibrates_the_adapter_against_the_original(tmp_path):
+    src = _prepared(bits=2, init="zero")
+    export.export_gptq(src, str(tmp_path / "gptq"), checkpoint_format="gptq_v2")
+    want = {n: m.quantized_weight.dequantize() for n, m in src.named_modules() if isinstance(m, QuantLoRALinear)}
+    original = tiny_model("llama")
+    ref = copy.deepcopy(original)
+    export.prepare_from_gptq(original, str(tmp_path / "gptq"), ce.LoRAConfig(rank=4, alpha=8, init="cloq"),
+                             calib=tiny_calib(4))
+    layers = {n: m for n, m in original.named_modules() if isinstance(m, QuantLoRALinear)}
+    assert set(layers) == set(want)
+    for name, layer in layers.items():
+        assert torch.equal(layer.quantized_weight.dequantize(), want[name])
+    ids = tiny_calib(2, seed=5)[1]
+    y_ref = ref(input_ids=ids).logits
+    y_imp = original(input_ids=ids).logits
+    y_zero = src(input_ids=ids).logits  # the same Q with a zero adapter
+    assert (y_imp - y_ref).norm() < (y_zero - y_ref).norm()
+
+
+def test_prepare_from_gptq_rejects_a_model_without_the_layers(tmp_path):
+    src = _prepared(init="zero")
+    export.export_gptq(src, str(tmp_path / "gptq"), checkpoint_format="gptq_v2")
+    with pytest.raises(ValueError, match="original"):
+        export.prepare_from_gptq(tiny_model("bert"), str(tmp_path / "gptq"), ce.LoRAConfig(rank=4, init="zero"))
