@@ -26,11 +26,11 @@ def gemm_configs() -> list:
         (64, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
         (64, 128, 64, 8, 3),
-        (128, 64, 64, 4, 3),
         (128, 128, 32, 8, 4),
         (128, 128, 64, 8, 3),
         (64, 64, 128, 4, 3),
-    ]  # larger tiles (128x256x32, 128x128x128 with 8 warps) spill registers: see kernels.check
+    ]  # larger tiles (128x256x32, 128x128x128 with 8 warps; 128x64x64 with 4 warps: NF4, bf16, sm_80) spill
+    # registers: see kernels.check
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in rows
