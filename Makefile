@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq prepare --bits 2 --group-size 64 --out out/minilm-2bit
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq prepare --bits 2 --group-size 64 --out out/minilm-2bit --overwrite
 	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq eval out/minilm-2bit
 
 test: setup
