@@ -6,14 +6,17 @@ from .gram import GramAccumulator
 from .hf import prepare_model
 from .hf import (dequantized_base, export_peft_adapter, load_pretrained, merge_and_unload,
                  register_peft_custom_module, register_transformers_quantizer, save_pretrained)
+from .hf.quantizer import register_when_transformers_loads
 from .init import init_lora
 from .nn import QuantLoRALinear
 from .quant import quantize_weight
 
 __version__ = "0.1.0"
 
-# `AutoModelForCausalLM.from_pretrained(<cloq checkpoint>)` works after `import cloq_engine`.
-register_transformers_quantizer()
+# `AutoModelForCausalLM.from_pretrained(<cloq checkpoint>)` works after `import cloq_engine`; the
+# registration waits until transformers loads its quantizer registry (seconds of import time that
+# a user of the kernels or of prepare_model alone does not pay). See hf/quantizer.py.
+register_when_transformers_loads()
 
 __all__ = [
     "QuantConfig", "LoRAConfig", "QuantMethod", "InitMethod",

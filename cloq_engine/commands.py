@@ -40,7 +40,13 @@ def _configs(args, init: str):
     return qc, lc
 
 
-def _calibration(args, tokenizer) -> List[torch.Tensor]:
+MIN_SEQ_LEN = 16  # shorter blocks are fragments of sentences: the activations are not the model's usual ones
+
+
+def _calibration(args, tokenizer, config=None) -> List[torch.Tensor]:
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and args.seq_len > positions:
+        raise CLIError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings={positions}")
     paras = data.read_text_file(args.calib) if args.calib else data.calibration_paragraphs()
     blocks = data.token_blocks(paras, tokenizer, args.seq_len, args.samples)
     if not blocks:
@@ -62,7 +68,12 @@ def _heldout(path: Optional[str]) -> List[str]:
 
 
 def _table(rows: List[List], header: List[str]) -> str:
-    cells = [[str(c) for c in header]] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    def cell(c):
+        if isinstance(c, float):
+            return "n/a" if c != c else f"{c:.4f}"
+        return str(c)
+
+    cells = [[str(c) for c in header]] + [[cell(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -113,6 +124,28 @@ def _check_out(out: str, overwrite: bool, inputs: List[str]) -> str:
         raise CLIError(str(e).replace("output directory", "--out", 1)) from None
 
 
+def _check_seq_len(seq_len: int) -> None:
+    if seq_len < MIN_SEQ_LEN:
+        raise CLIError(f"--seq-len {seq_len} is too short to calibrate on: blocks of fewer than {MIN_SEQ_LEN} tokens "
+                       "are fragments of sentences")
+
+
+def _summary(rep, qc, lc) -> str:
+    n = len(rep.layers)
+    mean_q = sum(r.err_quant for r in rep.layers) / n
+    mean_i = sum(r.err_init for r in rep.layers) / n
+    head = (f"{n} layers, {qc.bits}-bit {qc.method.value} g{qc.group_size}, init={lc.init.value} rank={lc.rank}: "
+            f"mean calibrated error {mean_q:.4f} -> {mean_i:.4f}")
+    if rep.underdetermined:
+        worst = max(rep.underdetermined.values())
+        return (head + f"\nWARNING: not a measure of quality: calibration had {rep.calib_tokens} tokens, fewer than "
+                f"in_features (up to {worst}) of {len(rep.underdetermined)} layer(s), so these errors are measured "
+                f"on data the quantizer fitted exactly; calibrate on at least {worst} tokens (--samples, --seq-len)")
+    if mean_q <= 0:
+        return head
+    return head + f" ({100 * (1 - mean_i / mean_q):.1f}% lower)"
+
+
 def cmd_prepare(args) -> int:
     from .hf import prepare_model
     from .hf.persistence import save_pretrained
@@ -122,6 +155,7 @@ def cmd_prepare(args) -> int:
     model_path = args.model or data.minilm_path()
     from_gptq = getattr(args, "from_gptq", None)
     out = _check_out(args.out, args.overwrite, [model_path] + ([from_gptq] if from_gptq else []))
+    _check_seq_len(args.seq_len)
     if from_gptq:
         from .export import cmd_prepare_from_gptq
 
@@ -130,7 +164,7 @@ def cmd_prepare(args) -> int:
         return _prepare_streaming(args, model_path, t0)
     model, tok = data.load_model(model_path)
     qc, lc = _configs(args, args.init)
-    calib = _calibration(args, tok)
+    calib = _calibration(args, tok, model.config)
     t_load = time.perf_counter() - t0
     prepare_model(model, qc, lc, calib=calib, progress=not args.no_progress)
     model.cloq_config["base_model"] = os.path.abspath(model_path)
@@ -141,11 +175,9 @@ def cmd_prepare(args) -> int:
     rep = model.cloq_report
     rows = [[r.name, "x".join(map(str, r.shape)), r.err_quant, r.err_init, f"{r.bits_per_weight:.2f}"] for r in rep.layers]
     print(_table(rows, ["layer", "shape", "err quantized", f"err +{lc.init.value}", "bits/w"]))
-    n = len(rep.layers)
-    mean_q = sum(r.err_quant for r in rep.layers) / n
-    mean_i = sum(r.err_init for r in rep.layers) / n
-    print(f"\n{n} layers, {qc.bits}-bit {qc.method.value} g{qc.group_size}, init={lc.init.value} rank={lc.rank}: "
-          f"mean calibrated error {mean_q:.4f} -> {mean_i:.4f} ({100 * (1 - mean_i / mean_q):.1f}% lower)")
+    print("\n" + _summary(rep, qc, lc))
+    mean_q = sum(r.err_quant for r in rep.layers) / len(rep.layers)
+    mean_i = sum(r.err_init for r in rep.layers) / len(rep.layers)
     print(f"time: load {t_load:.1f}s | capture+forward {rep.capture_s:.1f}s | quantize {rep.quantize_s:.1f}s | "
           f"init {rep.init_s:.1f}s | save {t_save:.1f}s | total {time.perf_counter() - t0:.1f}s")
     from .backends import active_backend
@@ -155,7 +187,9 @@ def cmd_prepare(args) -> int:
           + (f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA" if torch.cuda.is_available() else ""))
     print(f"wrote {args.out}")
     if args.json:
-        print(json.dumps({"mean_err_quant": mean_q, "mean_err_init": mean_i, "layers": [r.__dict__ for r in rep.layers]}))
+        print(json.dumps({"mean_err_quant": mean_q, "mean_err_init": mean_i, "calib_tokens": rep.calib_tokens,
+                          "underdetermined": rep.underdetermined, "full_precision": rep.full_precision,
+                          "layers": [r.__dict__ for r in rep.layers]}))
     return 0
 
 
@@ -204,6 +238,10 @@ def _base_model(args_base: Optional[str], qcfg: dict):
     base = args_base or qcfg.get("base_model")
     if not base or not os.path.isdir(base):
         raise CLIError("the full-precision model is not available: pass --base DIR")
+    from .hf.output_dir import is_cloq_checkpoint
+
+    if is_cloq_checkpoint(base):  # comparing a quantized model with one would read as agreement
+        raise CLIError(f"the full-precision model {base!r} is a cloq checkpoint, not full precision: pass --base DIR")
     return data.load_model(base)
 
 
@@ -216,8 +254,12 @@ def cmd_eval(args) -> int:
             f"init={qcfg.get('lora', {}).get('init', '?')}")
     rows = [["full precision", *[ev.base_score[k] for k in score]], [desc, *score.values()]]
     print(_table(rows, ["model", *score.keys()]))
+    if score.get("spearman", 0.0) != score.get("spearman", 0.0):  # NaN
+        print(f"note: Spearman cannot be computed from {len(ev.reference)} paragraph(s): it ranks pairwise "
+              "similarities and needs at least 3 (--data, --samples)", file=sys.stderr)
     if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "score": score, "full_precision": ev.base_score}))
+        clean = {k: (None if v != v else v) for k, v in score.items()}  # JSON has no NaN
+        print(json.dumps({"checkpoint": args.checkpoint, "score": clean, "full_precision": ev.base_score}))
     return 0
 
 
@@ -225,8 +267,9 @@ def cmd_eval(args) -> int:
 def cmd_compare(args) -> int:
     from .hf import prepare_model
 
+    _check_seq_len(args.seq_len)
     base, tok = data.load_model(args.model)
-    calib = _calibration(args, tok)
+    calib = _calibration(args, tok, base.config)
     ev = Evaluator(base, tok, data.heldout_paragraphs(), args.eval_samples)
     results = []
     for bits in args.bits:

@@ -1,11 +1,14 @@
 """Quality measures: perplexity for causal LMs, embedding agreement for encoders."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Iterable, List
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def _model_inputs(batch, device) -> dict:
@@ -41,8 +44,13 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def embedding_agreement(emb: torch.Tensor, ref: torch.Tensor) -> Dict[str, float]:
     """Mean cosine similarity of paired embeddings, and the Spearman correlation of the two
-    models' pairwise-similarity matrices (upper triangles)."""
+    models' pairwise-similarity matrices (upper triangles). Spearman is NaN for fewer than 3
+    texts: it correlates the pairwise similarities, and fewer than 3 pairs give no ranking."""
     cos = float((emb * ref).sum(-1).mean())
+    if len(emb) < 3:
+        logger.warning("Spearman cannot be computed from %d text(s): it ranks pairwise similarities and needs "
+                       "at least 3 texts", len(emb))
+        return {"cosine": cos, "spearman": float("nan")}
     iu = torch.triu_indices(len(emb), len(emb), offset=1)
     sim, sim_ref = (emb @ emb.t())[iu[0], iu[1]], (ref @ ref.t())[iu[0], iu[1]]
     return {"cosine": cos, "spearman": spearman(sim, sim_ref)}

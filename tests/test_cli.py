@@ -9,7 +9,7 @@ import torch
 
 from cloq_engine.cli import main
 
-FAST = ["--samples", "8", "--seq-len", "64", "--no-progress"]
+FAST = ["--samples", "26", "--seq-len", "64", "--no-progress"]  # 1664 tokens: more than any in_features (1536)
 
 
 def _run(*argv):
@@ -36,16 +36,23 @@ def test_bad_arguments_exit_2_with_one_line_naming_the_argument(argv, word, caps
     assert word in err and "Traceback" not in err
 
 
-def test_prepare_then_eval_on_embedded_default(tmp_path):
+def test_prepare_then_eval_on_embedded_default(tmp_path, capsys):
     out = tmp_path / "ckpt"
     code, stdout, stderr = _run("prepare", "--bits", "4", "--group-size", "64", "--out", str(out), *FAST)
     assert code == 0, stderr
     assert "encoder.layer.0.attention.self.query" in stdout and "mean calibrated error" in stdout
+    assert "% lower" in stdout and "WARNING" not in stdout + stderr
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     code, stdout, stderr = _run("eval", str(out), "--samples", "32", "--json")
     assert code == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert 0.8 < result["score"]["cosine"] < 1.0 and result["score"]["spearman"] > 0.5
+    one = tmp_path / "one.txt"
+    one.write_text("A single paragraph of held-out text, long enough to embed.\n")
+    assert main(["eval", str(out), "--data", str(one), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "Spearman cannot be computed from 1 paragraph(s)" in captured.err and "n/a" in captured.out
+    assert json.loads(captured.out.strip().splitlines()[-1])["score"]["spearman"] is None
 
 
 def test_failed_prepare_leaves_nothing_at_out(tmp_path):
@@ -167,3 +174,29 @@ def test_finetune_refuses_to_write_over_its_checkpoint(tmp_path, capsys):
     ckpt = _fake_checkpoint(tmp_path / "ckpt")
     assert main(["finetune", str(ckpt), "--out", str(ckpt)]) == 1
     assert "inside the input" in capsys.readouterr().err
+
+
+def test_too_little_calibration_is_not_reported_as_a_success(tmp_path, capsys):
+    assert main(["prepare", "--out", str(tmp_path / "ck"), "--samples", "2", "--seq-len", "64", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: not a measure of quality: calibration had 128 tokens, fewer than in_features (up to 1536)" in out
+    assert "% lower" not in out
+
+
+@pytest.mark.parametrize("seq_len, message", [
+    ("4", "--seq-len 4 is too short to calibrate on"),
+    ("600", "--seq-len 600 exceeds the model's max_position_embeddings=512"),
+])
+def test_seq_len_out_of_range_is_named(seq_len, message, tmp_path, capsys):
+    assert main(["prepare", "--out", str(tmp_path / "ck"), "--seq-len", seq_len, "--no-progress"]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_eval_refuses_a_quantized_base(tmp_path):
+    """(Before: `--model X --out X` replaced X, then eval compared the checkpoint with itself: cosine 1.0000.)"""
+    from cloq_engine import commands
+
+    other = _fake_checkpoint(tmp_path / "other")
+    with pytest.raises(commands.CLIError, match="is a cloq checkpoint, not full precision"):
+        commands._base_model(None, {"base_model": str(other)})

@@ -63,6 +63,23 @@ def test_rslora_scaling_survives_export(tmp_path):
         torch.testing.assert_close(y_peft, logits(model), rtol=1e-5, atol=1e-5)
 
 
+def test_exported_adapter_cannot_silently_be_loaded_onto_the_full_precision_model(tmp_path):
+    """The adapter compensates W - Ŵ: a loader that follows base_model_name_or_path must fail,
+    and the record says which base it belongs on."""
+    from safetensors import safe_open
+
+    model = copy.deepcopy(prepared("llama"))
+    model.cloq_config["base_model"] = "/models/llama-fp16"
+    path = ce.export_peft_adapter(model, tmp_path / "adapter")
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == "cloq-dequantized-base-of:/models/llama-fp16"
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["cloq_base_model"] == "/models/llama-fp16" and "dequantized_base" in meta["cloq_load_with"]
+    with pytest.raises(Exception, match="cloq-dequantized-base-of"):
+        peft.AutoPeftModelForCausalLM.from_pretrained(path)
+
+
 def test_export_refuses_unprepared_model(tmp_path):
     with pytest.raises(ValueError, match="cloq_config"):
         ce.export_peft_adapter(tiny_model("opt"), tmp_path / "adapter")

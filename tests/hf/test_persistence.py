@@ -344,3 +344,29 @@ def test_transformers_resave_after_training_does_not_carry_stale_checksums(llama
         assert "checksums" not in json.load(f)["quantization_config"]
     loaded = ce.load_pretrained(tmp_path / "hf")
     assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up: `import cloq_engine` does not import transformers; from_pretrained still works
+# ---------------------------------------------------------------------------------------------
+def test_import_is_lazy_and_from_pretrained_still_finds_the_quantizer(llama_checkpoint):
+    """(Importing transformers first registers at once: every in-process test here does that.)"""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import cloq_engine
+lazy = "transformers.quantizers.auto" not in sys.modules
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(llama_checkpoint[1])!r})
+print(lazy, type(m.get_submodule({model_targets(llama_checkpoint)!r})).__name__)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["True", "QuantLoRALinear"]
+
+
+def model_targets(checkpoint):
+    return checkpoint[0].cloq_config["targets"][0]
