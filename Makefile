@@ -12,12 +12,16 @@ setup: $(STAMP)
 # torch is installed first and pinned, so that a CPU machine does not pull a multi-GB CUDA build;
 # the editable install then builds the C++ extension against it (no build isolation, which would
 # fetch torch again).
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+# Every install goes through constraints.txt: the exact versions the suite passed with, so a fresh
+# machine never picks up an untested release of transformers, peft, ...
+PIP := $(PY) -m pip install -q -c constraints.txt
+
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q setuptools wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) setuptools wheel ninja
+	$(PIP) --no-build-isolation -e '.[dev]'
 	$(PY) -c "import cloq_engine as ce; print('cloq_engine', ce.__version__, 'backends:', ce.available_backends())"
 	touch $(STAMP)
 

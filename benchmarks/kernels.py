@@ -1,205 +1,374 @@
-"""Kernel benchmark for a CUDA machine: fused quantized-LoRA forward, backward and training step.
+"""Kernel benchmark for a CUDA machine: every forward path by M, the layer training step, peers.
 
-    python benchmarks/kernels.py [--dtype bf16|fp16] [--bits 2,3,4] [--m 1,16,64,256,2048] [--json]
+    cloq bench kernels [--dtype bf16|fp16] [--bits 2,3,4,nf4] [--m 1,16,64,256,2048,8192]
+                       [--shapes 4096x4096,4096x14336,14336x4096] [--json PATH] [--tune PATH] [--smoke]
 
-For each layer shape (in x out: 4096x4096 and 4096x11008), bit width and M it times (median of
-``triton.testing.do_bench_cudagraph``, i.e. GPU time without Python launch overhead; ``do_bench``
-where capture fails or with ``--no-graphs``):
+First it measures the two ceilings on this GPU, in the same run: copy bandwidth (a 2 GiB
+device-to-device copy: bytes read + written per second) and the bf16 GEMM rate (8192³ ``torch.mm``).
+Then, per layer shape (in x out), bit width and M:
 
-* ``fwd``: the triton backend's fused forward (dequant-matmul + LoRA epilogue), against dense
-  ``F.linear`` + LoRA in the activation dtype (``dense``) and against dequantize-then-matmul
-  (``deq+mm``: the standalone dequant kernel, then ``F.linear`` + LoRA);
-* ``bwd``: the fused backward (dX in one transposed-dequant kernel, dA, dB) against autograd through
-  dense ``F.linear`` + LoRA;
-* ``step``: forward + backward of ``QuantLoRALinear`` against an ``nn.Linear`` (frozen) + LoRA.
+* ``fwd``: each forward path of the triton backend (``gemv`` for M <= 16, ``fused``, and
+  ``dequant_mm`` with the LoRA folded into the GEMM (``concat``) or added by ``addmm_``), and the
+  dense bf16 ``F.linear`` + LoRA baseline. At M <= 16 the weight is rotated over enough copies
+  (>= 4x the L2 size in all) that every call reads HBM, and times come from CUDA graphs
+  (``do_bench_cudagraph``: no launch overhead); above, ``do_bench`` medians.
+  Columns: microseconds, packed-weight GB/s, share of the measured copy bandwidth roofline
+  (packed weight + activations), share of the measured GEMM rate.
+* ``step``: ``QuantLoRALinear`` forward + backward (the default path table) against dense LoRA
+  under autograd (frozen bf16 ``nn.Linear`` + A, B), for M >= 256.
+* peers when importable, at M <= 16: torch's int4 tinygemm (``_weight_int4pack_mm``, W4 g128),
+  bitsandbytes ``matmul_4bit`` (NF4), GemLite (``A16Wn``).
 
-It reports time, achieved GB/s and the share of the roofline max(bytes / 3.35 TB/s,
-flops / 989 TFLOP/s) (H100 SXM, dense bf16) for the fused kernels, and the speed-up over the dense
-baseline. On a machine without a CUDA GPU it says so and exits 0. ``--smoke`` runs every code path
-once at tiny shapes on the CPU under the Triton interpreter (no timing), to check the script itself.
+``--tune PATH`` times every candidate config of every kernel at the given shapes and writes a
+table in the format of ``cloq_engine/kernels/configs.json`` for this GPU (merge it there).
+Without CUDA it prints "no GPU" and exits 0; ``--smoke`` runs each path once at tiny shapes on the
+CPU under the Triton interpreter (no timing), to test the script itself.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
 
-PEAK_BW = 3.35e12  # H100 SXM HBM3, bytes/s
-PEAK_FLOPS = 989e12  # H100 SXM dense bf16
-SHAPES = ((4096, 4096), (4096, 11008))  # (in_features, out_features)
 RANK = 16
-GROUP = 128
-
+SCALING = 2.0
+L2_BYTES = 50 * 2**20  # H100; rotation aims past 4x this
 logger = logging.getLogger("benchmarks.kernels")
 
 
 @dataclass
 class Row:
-    op: str
-    bits: int
+    op: str  # fwd | step
+    variant: str  # gemv | fused | dequant_mm:concat | dequant_mm:addmm | dense | auto | peer names
+    bits: str
     in_features: int
     out_features: int
     m: int
-    ms: float
-    gbps: float
-    roofline_share: float
-    dense_ms: float
-    deq_mm_ms: float
-    speedup_vs_dense: float
+    us: float
+    weight_gbps: float  # packed (or dense) weight bytes / time
+    roofline_pct: float  # (weight + activation bytes) / copy bandwidth, over time
+    gemm_pct: float  # flops / measured bf16 GEMM rate, over time
+    vs_dense: float  # dense time / this time
 
 
-def _make_layer(in_f, out_f, bits, dtype, device):
+# ---------------------------------------------------------------------------------------------
+# Set-up helpers
+# ---------------------------------------------------------------------------------------------
+def make_layer(in_f: int, out_f: int, variant: str, dtype, device, seed: int = 0):
+    """A random valid packed weight (group 128; NF4 64) and LoRA factors in ``dtype``."""
     import torch
 
     from cloq_engine.formats import QuantizedWeight, packed_rows
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    groups = in_f // GROUP
-    qweight = torch.randint(-2**31, 2**31 - 1, (packed_rows(in_f, bits), out_f), generator=g, dtype=torch.int64)
+    nf4 = variant == "nf4"
+    bits = 4 if nf4 else int(variant)
+    group = 32 if device == "cpu" else (64 if nf4 else 128)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    groups = in_f // group
+    words = torch.randint(-2**31, 2**31 - 1, (packed_rows(in_f, bits), out_f), generator=g, dtype=torch.int64)
     qw = QuantizedWeight(
-        qweight=qweight.to(torch.int32).to(device),
+        qweight=words.to(torch.int32).to(device),
         scales=(0.01 * torch.rand(groups, out_f, generator=g) + 1e-3).half().to(device),
-        zeros=torch.randint(0, 2**bits, (groups, out_f), generator=g).half().to(device),
-        bits=bits, group_size=GROUP, in_features=in_f, out_features=out_f, method="rtn",
+        zeros=None if nf4 else torch.randint(0, 2**bits, (groups, out_f), generator=g).half().to(device),
+        bits=bits, group_size=group, in_features=in_f, out_features=out_f, method="nf4" if nf4 else "rtn",
     )
     A = (0.01 * torch.randn(RANK, in_f, generator=g)).to(device, dtype)
     B = (0.01 * torch.randn(out_f, RANK, generator=g)).to(device, dtype)
     return qw, A, B
 
 
-def _io_bytes(m, in_f, out_f, elem, qw, backward=False):
-    """Bytes a perfect kernel moves: packed weight once, activations in and out, LoRA factors."""
-    lora = RANK * (in_f + out_f) * elem
-    acts = (m * in_f + m * out_f) * elem
-    if backward:
-        acts += m * in_f * elem  # read x for dA, read dy, write dx
-    return qw.nbytes + acts + lora
+def copies_for(nbytes: int, m: int, smoke: bool = False) -> int:
+    """Weight copies to rotate over: enough to defeat L2 at small M, one at large M."""
+    if m > 16 or smoke:
+        return 1
+    return int(min(64, max(2, math.ceil(4 * L2_BYTES / max(nbytes, 1)))))
 
 
-def _flops(m, in_f, out_f, backward=False):
-    base = 2 * m * in_f * out_f
-    lora = 2 * m * RANK * (in_f + out_f)
-    return base + lora if not backward else base + 3 * lora
+def make_timer(args):
+    import torch
+
+    if args.smoke:
+        def bench(fn, graph=False):
+            fn()
+            return float("nan")
+        return bench
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    def bench(fn, graph=False):
+        fn()  # compile and allocate workspaces outside any capture
+        torch.cuda.synchronize()
+        if graph and args.graphs:
+            try:
+                return 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+            except Exception as e:
+                logger.info("CUDA graph capture failed (%s: %s); timing with do_bench", type(e).__name__, e)
+        return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return bench
 
 
-def run(args) -> list:
+def ceilings(args) -> Dict[str, float]:
+    """Measured copy bandwidth (bytes/s, read + write) and bf16 GEMM rate (flop/s)."""
+    import torch
+
+    if args.smoke:
+        return {"copy_bytes_per_s": float("nan"), "bf16_flops": float("nan")}
+    from triton.testing import do_bench
+
+    n = 2**30  # elements of 2 bytes: 2 GiB each way
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=5, rep=50, return_mode="median")
+    copy_bw = 2 * a.numel() * a.element_size() / (ms * 1e-3)
+    del a, b
+    s = 8192
+    x = torch.randn(s, s, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(s, s, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: torch.mm(x, y), warmup=5, rep=50, return_mode="median")
+    return {"copy_bytes_per_s": copy_bw, "bf16_flops": 2 * s**3 / (ms * 1e-3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers (best effort: each returns None with the reason logged when it cannot run)
+# ---------------------------------------------------------------------------------------------
+def peer_tinygemm(x, in_f, out_f, copies):
+    import torch
+
+    try:
+        g = 128
+        Wq = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, device="cuda")
+        try:  # torch >= 2.5: uint8 [N, K/2] packed pairs
+            packed_in = (Wq[:, ::2] << 4 | Wq[:, 1::2]).to(torch.uint8)
+            packs = [torch.ops.aten._convert_weight_to_int4pack(packed_in, 8) for _ in range(copies)]
+        except Exception:
+            packs = [torch.ops.aten._convert_weight_to_int4pack(Wq, 8) for _ in range(copies)]
+        sz = torch.rand(in_f // g, out_f, 2, device="cuda", dtype=torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm(xb, packs[0], g, sz)
+        return lambda: [torch.ops.aten._weight_int4pack_mm(xb, p, g, sz) for p in packs]
+    except Exception as e:
+        logger.info("peer tinygemm unavailable: %s", e)
+        return None
+
+
+def peer_bnb(x, in_f, out_f, copies):
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        states = [bnb.functional.quantize_4bit(torch.randn(out_f, in_f, device="cuda", dtype=x.dtype),
+                                               quant_type="nf4") for _ in range(copies)]
+        return lambda: [bnb.matmul_4bit(x, w.t(), quant_state=s) for w, s in states]
+    except Exception as e:
+        logger.info("peer bitsandbytes unavailable: %s", e)
+        return None
+
+
+def peer_gemlite(x, in_f, out_f, copies, bits):
+    try:
+        import torch
+        from gemlite.helper import A16Wn
+
+        layers = []
+        for _ in range(copies):
+            lin = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=x.dtype)
+            layers.append(A16Wn(device="cuda").from_linear(lin) if bits == 4 else
+                          A16Wn(device="cuda", W_nbits=bits).from_linear(lin))
+        return lambda: [layer(x) for layer in layers]
+    except Exception as e:
+        logger.info("peer gemlite unavailable: %s", e)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+def run(args, ceil) -> List[Row]:
+    import torch
+    import torch.nn.functional as F
+
+    from cloq_engine.backends import triton_backend as tb
+
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float16 if (args.smoke or args.dtype == "fp16") else torch.bfloat16
+    bench = make_timer(args)
+    shapes = [(128, 96)] if args.smoke else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms_list = [1, 40] if args.smoke else [int(v) for v in args.m.split(",")]
+    rows: List[Row] = []
+    copy_bw, flops_rate = ceil["copy_bytes_per_s"], ceil["bf16_flops"]
+
+    def row(op, variant, bits, in_f, out_f, m, us, wbytes, dense_us):
+        elem = torch.tensor([], dtype=dtype).element_size()
+        total = wbytes + (m * in_f + m * out_f) * elem
+        fl = 2 * m * in_f * out_f * (3 if op == "step" else 1)
+        rows.append(Row(op, variant, bits, in_f, out_f, m, us, wbytes / (us * 1e-6) / 1e9,
+                        100 * total / copy_bw / (us * 1e-6), 100 * fl / flops_rate / (us * 1e-6), dense_us / us))
+
+    for in_f, out_f in shapes:
+        for variant in args.bits.split(","):
+            layers = [make_layer(in_f, out_f, variant, dtype, device)]
+            for m in ms_list:
+                n_copies = copies_for(layers[0][0].nbytes, m, args.smoke)
+                while len(layers) < n_copies:
+                    layers.append(make_layer(in_f, out_f, variant, dtype, device, seed=len(layers)))
+                use = layers[:n_copies]
+                small = m <= 16
+                x = torch.randn(m, in_f, device=device, dtype=dtype)
+
+                # dense bf16 baseline, rotated the same way
+                dense_w = [torch.randn(out_f, in_f, device=device, dtype=dtype)
+                           for _ in range(copies_for(out_f * in_f * 2, m, args.smoke))]
+                A0, B0 = use[0][1], use[0][2]
+                dense_us = bench(lambda: [F.linear(x, w) + SCALING * F.linear(F.linear(x, A0), B0) for w in dense_w],
+                                 graph=small) / len(dense_w)
+                row("fwd", "dense", variant, in_f, out_f, m, dense_us, out_f * in_f * 2, dense_us)
+
+                paths = (["gemv"] if small else []) + ["fused", "dequant_mm:concat", "dequant_mm:addmm"]
+                if m > 2048:
+                    paths.remove("fused")
+                for p in paths:
+                    path, _, fold = p.partition(":")
+                    os.environ["CLOQ_TRITON_PATH"] = path
+                    os.environ["CLOQ_LORA_FOLD"] = fold or "concat"
+                    us = bench(lambda: [tb.forward(x, qw, A, B, SCALING) for qw, A, B in use], graph=small) / len(use)
+                    row("fwd", p, variant, in_f, out_f, m, us, use[0][0].nbytes, dense_us)
+                os.environ.pop("CLOQ_TRITON_PATH", None)
+                os.environ.pop("CLOQ_LORA_FOLD", None)
+
+                if small and not args.smoke and variant in ("4", "nf4", "2"):
+                    peers = {"tinygemm-w4": peer_tinygemm(x, in_f, out_f, n_copies) if variant == "4" else None,
+                             "bnb-nf4": peer_bnb(x, in_f, out_f, n_copies) if variant == "nf4" else None,
+                             f"gemlite-w{variant}": peer_gemlite(x, in_f, out_f, n_copies, int(variant))
+                             if variant in ("2", "4") else None}
+                    for name, fn in peers.items():
+                        if fn is not None:
+                            us = bench(fn, graph=True) / n_copies
+                            row("fwd", name, variant, in_f, out_f, m, us, use[0][0].nbytes, dense_us)
+
+                if m >= 256 or (args.smoke and m == ms_list[-1]):
+                    step_rows(bench, use[0], in_f, out_f, variant, m, dtype, device, row)
+    return rows
+
+
+def step_rows(bench, layer_parts, in_f, out_f, variant, m, dtype, device, row) -> None:
+    """QuantLoRALinear forward + backward against dense LoRA under autograd."""
     import torch
     import torch.nn.functional as F
 
     from cloq_engine import LoRAConfig, QuantConfig
-    from cloq_engine.backends import triton_backend as tb
     from cloq_engine.nn import QuantLoRALinear
 
-    smoke = args.smoke
-    device = "cpu" if smoke else "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if smoke:
-        dtype = torch.float16  # the interpreter computes bf16 wrongly
-    shapes = ((128, 96),) if smoke else SHAPES
-    ms_list = [1, 33] if smoke else [int(v) for v in args.m.split(",")]
-    bits_list = [int(v) for v in args.bits.split(",")]
-    s = 2.0
+    qw, A, B = layer_parts
+    layer = QuantLoRALinear.from_quantized(qw, A, B, LoRAConfig(rank=RANK, alpha=SCALING * RANK, init="zero"),
+                                           QuantConfig(bits=qw.bits, group_size=qw.group_size, method=qw.method),
+                                           dtype=dtype)
+    x = torch.randn(m, in_f, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(m, out_f, device=device, dtype=dtype)
+    dense = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    Ad, Bd = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
 
-    if smoke:
-        def bench(fn):
-            fn()
-            return float("nan")
-    else:
-        from triton.testing import do_bench, do_bench_cudagraph
+    def ours():
+        layer.lora_A.grad = layer.lora_B.grad = x.grad = None
+        layer(x).backward(dy)
 
-        def bench(fn):
-            fn()  # autotune outside any graph capture
-            torch.cuda.synchronize()
-            if args.graphs:
-                try:  # GPU time without Python launch overhead
-                    return do_bench_cudagraph(fn, rep=100, return_mode="median")
-                except Exception as e:  # e.g. autograd state that cannot be captured
-                    logger.info("CUDA graph capture failed (%s); timing with do_bench", type(e).__name__)
-            return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    def dense_step():
+        Ad.grad = Bd.grad = x.grad = None
+        (dense(x) + SCALING * F.linear(F.linear(x, Ad), Bd)).backward(dy)
 
-    rows = []
-    for in_f, out_f in shapes:
-        for bits in bits_list:
-            qw, A, B = _make_layer(in_f, out_f, bits, dtype, device)
-            W = tb.dequantize(qw).to(dtype)  # the dense baseline's weight
-            layer = QuantLoRALinear.from_quantized(
-                qw, A, B, LoRAConfig(rank=RANK, alpha=2 * RANK, init="zero"),
-                QuantConfig(bits=bits, group_size=GROUP, method="rtn"), dtype=dtype)
-            A_p = A.clone().requires_grad_(True)
-            B_p = B.clone().requires_grad_(True)
-            for m in ms_list:
-                x = torch.randn(m, in_f, device=device, dtype=dtype)
-                dy = torch.randn(m, out_f, device=device, dtype=dtype)
-                elem = x.element_size()
-
-                def dense_fwd():
-                    return F.linear(x, W) + s * F.linear(F.linear(x, A), B)
-
-                def deq_mm_fwd():
-                    return F.linear(x, tb.dequantize(qw).to(dtype)) + s * F.linear(F.linear(x, A), B)
-
-                fused_fwd = lambda: tb.forward(x, qw, A, B, s)  # noqa: E731
-                _, S = tb.forward(x, qw, A, B, s)
-                fused_bwd = lambda: tb.backward(dy, x, S, qw, A, B, s)  # noqa: E731
-
-                def dense_bwd():
-                    xg = x.detach().requires_grad_(True)
-                    y = F.linear(xg, W) + s * F.linear(F.linear(xg, A_p), B_p)
-                    return torch.autograd.grad(y, (xg, A_p, B_p), dy)
-
-                xs = x.detach().requires_grad_(True)
-
-                def fused_step():
-                    layer.lora_A.grad = layer.lora_B.grad = None
-                    layer(xs).backward(dy)
-
-                dense_layer = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
-                dense_layer.weight.data.copy_(W)
-                dense_layer.weight.requires_grad_(False)
-
-                def dense_step():
-                    A_p.grad = B_p.grad = None
-                    (dense_layer(xs) + s * F.linear(F.linear(xs, A_p), B_p)).backward(dy)
-
-                t = {name: bench(fn) for name, fn in [
-                    ("fwd", fused_fwd), ("fwd_dense", dense_fwd), ("fwd_deq", deq_mm_fwd),
-                    ("bwd", fused_bwd), ("bwd_dense", dense_bwd), ("step", fused_step), ("step_dense", dense_step)]}
-                for op, fused, dense, deq, back in [
-                    ("fwd", t["fwd"], t["fwd_dense"], t["fwd_deq"], False),
-                    ("bwd", t["bwd"], t["bwd_dense"], float("nan"), True),
-                    ("step", t["step"], t["step_dense"], float("nan"), True),
-                ]:
-                    nbytes = _io_bytes(m, in_f, out_f, elem, qw, back)
-                    flops = _flops(m, in_f, out_f, back)
-                    if op == "step":  # forward + backward
-                        nbytes += _io_bytes(m, in_f, out_f, elem, qw)
-                        flops += _flops(m, in_f, out_f)
-                    roof_ms = 1e3 * max(nbytes / PEAK_BW, flops / PEAK_FLOPS)
-                    rows.append(Row(op, bits, in_f, out_f, m, fused, nbytes / (fused * 1e-3) / 1e9,
-                                    roof_ms / fused, dense, deq, dense / fused))
-    return rows
+    dense_us = bench(dense_step)
+    row("step", "dense", variant, in_f, out_f, m, dense_us, out_f * in_f * 2, dense_us)
+    row("step", "auto", variant, in_f, out_f, m, bench(ours), qw.nbytes, dense_us)
 
 
-def _print_table(rows, dtype_name):
-    print(f"dtype {dtype_name}; roofline = max(bytes / {PEAK_BW / 1e12:.2f} TB/s, flops / {PEAK_FLOPS / 1e12:.0f} TFLOP/s)")
-    print(f"{'op':5} {'bits':>4} {'in x out':>11} {'M':>5} {'ms':>8} {'GB/s':>7} {'roof%':>6} "
-          f"{'dense ms':>9} {'deq+mm ms':>9} {'x dense':>7}")
+def tune(args, path: str) -> None:
+    """Time every candidate config of each kernel at the given shapes; write a configs.json-style table."""
+    import torch
+
+    from cloq_engine.kernels import configs, dequant, dequant_gemm, dequant_gemm_t, gemv
+    from cloq_engine.kernels.utils import codebook_on
+    from triton.testing import do_bench
+
+    arch = configs.arch_of("cuda")
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    table: Dict[str, list] = {}
+    original = configs.shipped_table
+
+    def best(kernel, candidates, fn):
+        times = []
+        for c in candidates:
+            configs._memo.clear()
+            configs.shipped_table = lambda c=c: {arch: {kernel: [{"config": configs.config_to_dict(c)}]}}
+            try:
+                times.append((do_bench(fn, warmup=10, rep=50, return_mode="median"), c))
+            except Exception as e:
+                logger.info("%s %s failed: %s", kernel, c, e)
+        configs.shipped_table = original
+        configs._memo.clear()
+        return min(times, key=lambda t: t[0])[1]
+
+    try:
+        for in_f, out_f in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]:
+            for variant in args.bits.split(","):
+                qw, A, B = make_layer(in_f, out_f, variant, dtype, "cuda")
+                cb = codebook_on("cuda") if qw.is_nf4 else qw.scales
+                g = qw.effective_group_size
+                key = {"n": out_f, "k": in_f, "bits": qw.bits, "group": g}
+                out = torch.empty(in_f, out_f, dtype=dtype, device="cuda")
+                c = best("dequant", dequant.dequant_configs(),
+                         lambda: dequant.dequant_into(out, qw.qweight, qw.scales, qw.zeros, cb, qw.bits, g, in_f))
+                table.setdefault("dequant", []).append({**key, "config": configs.config_to_dict(c)})
+                for m in (1, 16):
+                    x = torch.randn(m, in_f, device="cuda", dtype=dtype)
+                    S = x @ A.t()
+                    c = best("gemv", gemv.gemv_configs(),
+                             lambda: gemv.gemv(x, qw.qweight, qw.scales, qw.zeros, cb, S, B, None, SCALING, qw.bits,
+                                               g, in_f))
+                    table.setdefault("gemv", []).append({**key, "m": m, "config": configs.config_to_dict(c)})
+                for m in (32, 64, 128):
+                    x = torch.randn(m, in_f, device="cuda", dtype=dtype)
+                    S = x @ A.t()
+                    dy = torch.randn(m, out_f, device="cuda", dtype=dtype)
+                    c = best("dequant_gemm", dequant_gemm.prune_configs(dequant_gemm.gemm_configs(), x, qw.bits, g,
+                                                                        qw.num_groups),
+                             lambda: dequant_gemm.dequant_gemm(x, qw.qweight, qw.scales, qw.zeros, cb, S, B, None,
+                                                               SCALING, qw.bits, g, in_f))
+                    table.setdefault("dequant_gemm", []).append({**key, "m": m, "config": configs.config_to_dict(c)})
+                    c = best("dequant_gemm_t", dequant_gemm_t.prune_configs(dequant_gemm_t.gemm_t_configs(), dy,
+                                                                            qw.bits, g, qw.num_groups),
+                             lambda: dequant_gemm_t.dequant_gemm_t(dy, qw.qweight, qw.scales, qw.zeros, cb, dy @ B, A,
+                                                                   qw.bits, g, in_f, dtype))
+                    table.setdefault("dequant_gemm_t", []).append({**key, "m": m, "config": configs.config_to_dict(c)})
+    finally:
+        configs.shipped_table = original
+    with open(path, "w") as f:
+        json.dump({arch: table}, f, indent=1)
+    print(f"wrote tuned configs for {arch} to {path} (merge into cloq_engine/kernels/configs.json)")
+
+
+def print_table(rows: List[Row], ceil: dict, dtype_name: str) -> None:
+    print(f"dtype {dtype_name}; measured ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 GEMM {ceil['bf16_flops'] / 1e12:.0f} TFLOP/s")
+    print(f"{'op':5} {'variant':18} {'bits':>4} {'in x out':>11} {'M':>5} {'us':>9} {'wGB/s':>7} "
+          f"{'roof%':>6} {'gemm%':>6} {'x dense':>7}")
     for r in rows:
-        print(f"{r.op:5} {r.bits:4d} {f'{r.in_features}x{r.out_features}':>11} {r.m:5d} {r.ms:8.4f} {r.gbps:7.0f} "
-              f"{100 * r.roofline_share:5.1f}% {r.dense_ms:9.4f} {r.deq_mm_ms:9.4f} {r.speedup_vs_dense:6.2f}x")
+        print(f"{r.op:5} {r.variant:18} {r.bits:>4} {f'{r.in_features}x{r.out_features}':>11} {r.m:5d} "
+              f"{r.us:9.1f} {r.weight_gbps:7.0f} {r.roofline_pct:6.1f} {r.gemm_pct:6.1f} {r.vs_dense:7.2f}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
-    p.add_argument("--bits", default="2,3,4")
-    p.add_argument("--m", default="1,16,64,256,2048", help="token counts M")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--bits", default="2,3,4,nf4", help="bit variants: 2,3,4,nf4")
+    p.add_argument("--m", default="1,16,64,256,2048,8192", help="token counts M")
+    p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096", help="in x out, comma separated")
+    p.add_argument("--json", default=None, help="also write the rows and ceilings to this JSON file")
+    p.add_argument("--tune", default=None, help="time every config instead, and write a configs table here")
     p.add_argument("--no-graphs", dest="graphs", action="store_false",
-                   help="time with do_bench (includes launch overhead) instead of CUDA graphs")
+                   help="time small M with do_bench (launch overhead included) instead of CUDA graphs")
     p.add_argument("--smoke", action="store_true", help="run each path once on CPU (Triton interpreter), no timing")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -207,17 +376,22 @@ def main(argv=None) -> int:
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
         os.environ["CLOQ_BACKEND"] = "triton"  # QuantLoRALinear on CPU tensors goes through the kernels
+        args.bits = ",".join(b for b in args.bits.split(",") if b in ("2", "3", "4", "nf4"))
     else:
         import torch
 
         if not torch.cuda.is_available():
             print("no GPU: CUDA is not available on this machine; nothing to benchmark")
             return 0
-    rows = run(args)
+    if args.tune:
+        tune(args, args.tune)
+        return 0
+    ceil = ceilings(args)
+    rows = run(args, ceil)
+    print_table(rows, ceil, args.dtype)
     if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=1))
-    else:
-        _print_table(rows, args.dtype)
+        with open(args.json, "w") as f:
+            json.dump({"ceilings": ceil, "args": vars(args), "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 0
 
 

@@ -92,10 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="quantize a model and initialise its LoRA factors")
     _add_quant_args(p)
     p.add_argument("--init", choices=("cloq", "quailora", "loftq", "svd", "zero"), default="cloq")
-    p.add_argument("--out", required=True, help="checkpoint directory to write (atomically)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (atomically); a new or empty "
+                   "directory, or a previous cloq checkpoint with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous cloq checkpoint at --out")
     p.add_argument("--from-gptq", type=_existing_dir, default=None, metavar="DIR",
                    help="keep the Q of this GPTQ checkpoint (AutoGPTQ/GPTQModel layout); --model is its original")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="prepare block by block from the safetensors shards in bounded memory, keeping finished "
+                        "blocks in <out>.partial/; rerun with --resume after an interruption to continue")
 
     p = sub.add_parser("eval", help="evaluate a prepared checkpoint against its full-precision model")
     p.add_argument("checkpoint", type=_existing_dir)
@@ -120,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--seq-len", type=_positive_int, default=128)
     p.add_argument("--out", default=None, help="where to save (default: <checkpoint>-ft)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous cloq checkpoint at --out")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export", help="export a prepared checkpoint: GPTQ base + PEFT adapter, or merged dense")
@@ -130,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory to write (default: <checkpoint>-<format>)")
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=("kernels", "init", "quantize"))
+    p.add_argument("which", choices=("kernels", "train", "init", "quantize", "prepare"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
 

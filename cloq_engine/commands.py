@@ -103,17 +103,31 @@ class Evaluator:
 
 
 # -- prepare ----------------------------------------------------------------------------------------
-def cmd_prepare(args) -> int:
-    if getattr(args, "from_gptq", None):
-        from .export import cmd_prepare_from_gptq
+def _check_out(out: str, overwrite: bool, inputs: List[str]) -> str:
+    """Refuse a dangerous --out before any work (see hf/output_dir.py)."""
+    from .hf.output_dir import check_output_dir
 
-        return cmd_prepare_from_gptq(args)
+    try:
+        return check_output_dir(out, overwrite=overwrite, inputs=inputs, flag="--overwrite")
+    except ValueError as e:
+        raise CLIError(str(e).replace("output directory", "--out", 1)) from None
+
+
+def cmd_prepare(args) -> int:
     from .hf import prepare_model
     from .hf.persistence import save_pretrained
     from .hf.quantizer import attach_quantization_config
 
     t0 = time.perf_counter()
     model_path = args.model or data.minilm_path()
+    from_gptq = getattr(args, "from_gptq", None)
+    out = _check_out(args.out, args.overwrite, [model_path] + ([from_gptq] if from_gptq else []))
+    if from_gptq:
+        from .export import cmd_prepare_from_gptq
+
+        return cmd_prepare_from_gptq(args)
+    if getattr(args, "resume", False):
+        return _prepare_streaming(args, model_path, t0)
     model, tok = data.load_model(model_path)
     qc, lc = _configs(args, args.init)
     calib = _calibration(args, tok)
@@ -122,7 +136,7 @@ def cmd_prepare(args) -> int:
     model.cloq_config["base_model"] = os.path.abspath(model_path)
     attach_quantization_config(model)
     t1 = time.perf_counter()
-    save_pretrained(model, args.out, tokenizer=tok)
+    save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
     t_save = time.perf_counter() - t1
     rep = model.cloq_report
     rows = [[r.name, "x".join(map(str, r.shape)), r.err_quant, r.err_init, f"{r.bits_per_weight:.2f}"] for r in rep.layers]
@@ -142,6 +156,24 @@ def cmd_prepare(args) -> int:
     print(f"wrote {args.out}")
     if args.json:
         print(json.dumps({"mean_err_quant": mean_q, "mean_err_init": mean_i, "layers": [r.__dict__ for r in rep.layers]}))
+    return 0
+
+
+def _prepare_streaming(args, model_path: str, t0: float) -> int:
+    """``cloq prepare --resume``: block by block, bounded memory, continuing a killed run."""
+    from transformers import AutoTokenizer
+
+    from .hf.streaming import prepare_pretrained
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    qc, lc = _configs(args, args.init)
+    try:
+        out = prepare_pretrained(model_path, args.out, qc, lc, calib=_calibration(args, tok), resume=True,
+                                 dtype=torch.float32, progress=not args.no_progress, tokenizer=tok)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    print(f"time: total {time.perf_counter() - t0:.1f}s | peak memory: {_peak_rss_mib():.0f} MiB resident (process)")
+    print(f"wrote {out}")
     return 0
 
 
@@ -264,10 +296,11 @@ def _plot(results, metric, path, args) -> None:
 def cmd_finetune(args) -> int:
     from .finetune import finetune
 
+    out = args.out or os.path.abspath(args.checkpoint).rstrip("/") + "-ft"
+    out = _check_out(out, args.overwrite, [args.checkpoint])
     model, tok, qcfg = _load_checkpoint(args.checkpoint)
     base, base_tok = _base_model(None, qcfg)
     tok = tok or base_tok
-    out = args.out or args.checkpoint.rstrip("/") + "-ft"
     ev = Evaluator(base, tok, data.heldout_paragraphs(), 128)
     before = ev.score(model)
     paras = data.read_text_file(args.data) if args.data else data.calibration_paragraphs()
@@ -277,7 +310,7 @@ def cmd_finetune(args) -> int:
     from .hf.peft_interop import export_peft_adapter
     from .hf.persistence import save_pretrained
 
-    save_pretrained(model, out, tokenizer=tok)
+    save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
     export_peft_adapter(model, os.path.join(out, "adapter"))
     m = ev.metric
     print(_table([["before", before[m]], ["after", after[m]], ["full precision", ev.base_score[m]]], ["model", m]))

@@ -51,8 +51,8 @@ def prepare_from_gptq(model: nn.Module, gptq_dir: str, lora_config: LoRAConfig, 
     """
     from . import calib as calib_mod
     from . import init as init_mod
-    from .hf.prepare import mark_trainable
-    from .hf.targets import replace_modules
+    from .convert import mark_trainable, replace_modules
+    from .hf.prepare import LayerBuilder, PrepareReport, run_sequential
 
     cfg = gptq_format.read_gptq_config(gptq_dir)
     quant_config = quant_config_for(cfg)
@@ -89,7 +89,12 @@ def prepare_from_gptq(model: nn.Module, gptq_dir: str, lora_config: LoRAConfig, 
     if spec.needs_H:
         if not calib_list:
             raise ValueError(f"init={lora_config.init.value!r} needs calibration data: pass `calib`")
-        calib_mod.run_sequential(model, targets, calib_list, layer_fn, device, progress=progress)
+        class KeepQ(LayerBuilder):  # the sequential driver, building layers around the imported Q
+            def build(self, root, grams, prefix=""):
+                return {n: layer_fn(prefix + n, root.get_submodule(n), H) for n, H in grams.items()}
+
+        builder = KeepQ(quant_config, lora_config, PrepareReport(), report_mode="off")
+        run_sequential(model, targets, calib_mod.batch_samples(calib_list, 8, device), builder, progress=progress)
     else:
         replace_modules(model, {n: layer_fn(n, modules[n], None) for n in targets})
     mark_trainable(model)
@@ -211,7 +216,7 @@ def cmd_prepare_from_gptq(args) -> int:
     prepare_from_gptq(model, args.from_gptq, lc, calib=calib, progress=not args.no_progress)
     model.cloq_config["base_model"] = os.path.abspath(args.model)
     attach_quantization_config(model)
-    save_pretrained(model, args.out, tokenizer=tok)
+    save_pretrained(model, args.out, tokenizer=tok, overwrite=getattr(args, "overwrite", False))
     print(f"kept the Q of {len(model.cloq_config['targets'])} GPTQ layers from {args.from_gptq}; "
           f"init={lc.init.value} rank={lc.rank}; wrote {args.out} in {time.perf_counter() - t0:.1f}s")
     return 0

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import backends
 from .config import LoRAConfig, QuantConfig
+from .convert import build_layer, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
 from .formats import QuantizedWeight, packed_rows
 
 QUANT_BUFFERS = ("qweight", "scales", "zeros")
@@ -124,9 +125,7 @@ class QuantLoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig,
                     H: Optional[torch.Tensor] = None) -> "QuantLoRALinear":
         """Quantize ``linear`` (nn.Linear or transformers' Conv1D) and initialise its LoRA factors."""
-        from .hf.prepare import build_layer
-
-        return build_layer("", linear, quant_config, lora_config, H)
+        return build_layer(linear, quant_config, lora_config, H, layer_cls=cls)
 
     # -- views ---------------------------------------------------------------------------------
     @property
@@ -142,8 +141,19 @@ class QuantLoRALinear(nn.Module):
         w = self.quantized_weight.dequantize() + self.delta_weight()
         return w if dtype is None else w.to(dtype)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized base weight Ŵ (out, in) in the LoRA dtype: a read-only copy made on
+        every access, for model code that reads ``layer.weight`` (T5 checks its dtype). The
+        forward and backward never use it."""
+        if self.qweight.is_meta:
+            return torch.empty(self.out_features, self.in_features, dtype=self.lora_A.dtype, device="meta")
+        return self.quantized_weight.dequantize().to(self.lora_A.dtype)
+
     # -- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # nn.Linear raises here too; the kernels would return zeros
+            raise RuntimeError(f"QuantLoRALinear needs a floating-point input; got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has last dimension {x.shape[-1]}; expected in_features={self.in_features}")
         lead = x.shape[:-1]
@@ -172,16 +182,3 @@ class QuantLoRALinear(nn.Module):
                 f"group_size={self.group_size}, method={self.method}, rank={self.rank}, "
                 f"scaling={self.scaling:g}, bias={self.bias is not None}")
 
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D (weight stored (in, out))."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of an nn.Linear or Conv1D in nn.Linear's (out, in) orientation."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    if is_conv1d(module):
-        return module.weight.detach().t()
-    raise TypeError(f"expected nn.Linear or Conv1D; got {type(module).__name__}")

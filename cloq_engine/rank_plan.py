@@ -16,7 +16,7 @@ from torch import nn
 from . import calib as calib_mod
 from .config import LoRAConfig, QuantConfig
 from .init.rank_alloc import allocate_ranks, whitened_spectrum
-from .nn import linear_weight
+from .convert import linear_weight
 from .quant import quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ def plan_ranks(model: nn.Module, quant_config: QuantConfig, lora_config: LoRACon
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
-        calib_mod.run_full_pass(model, targets, list(calib), layer_fn, device)
+        grams = calib_mod.full_pass_grams(model, targets, calib_mod.batch_samples(list(calib), 8, device))
+        for name, H in grams.items():
+            layer_fn(name, model.get_submodule(name), H)
     model.train(was_training)
     budget = sum(lora_config.rank * c for c in costs.values())
     ranks = allocate_ranks(gains, costs, budget, min_rank=min_rank)

@@ -1,13 +1,19 @@
 """Test set-up. TRITON_INTERPRET must be set before any Triton kernel module is imported, so that
-kernel tests run on CPU tensors."""
+kernel tests run on CPU tensors; ``pytest -m gpu`` leaves it unset so the GPU tests compile the
+kernels for the real device (pytest_configure runs before collection imports any kernel)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    markexpr = config.getoption("markexpr", "") or ""
+    if not ("gpu" in markexpr and "not gpu" not in markexpr):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

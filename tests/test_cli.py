@@ -118,3 +118,52 @@ def test_decoder_prepare_eval_finetune_report_perplexity(tiny_causal_dir, tmp_pa
                                 "--out", str(tmp_path / "ft"), "--json")
     assert code == 0, stderr
     assert len(json.loads(stdout.strip().splitlines()[-1])["losses"]) == 2
+
+
+# -- --out never destroys what the program did not write (all refused before any work) -------------
+def _user_dir(path):
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    return path
+
+
+def _fake_checkpoint(path):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "cloq"}}))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("non-empty", "is not empty and is not a cloq checkpoint"),
+    ("non-empty --overwrite", "is not empty and is not a cloq checkpoint"),
+    ("dot", "is or contains the working directory"),
+    ("empty string", "is empty"),
+    ("model dir", "is, holds or lies inside the input"),
+    ("inside model dir", "is, holds or lies inside the input"),
+    ("previous checkpoint", "holds a cloq checkpoint: pass --overwrite to replace it"),
+    ("parent is a file", "is not a directory"),
+])
+def test_prepare_out_refusals_keep_every_file(case, message, tmp_path, monkeypatch, capsys):
+    work = _user_dir(tmp_path / "work")
+    model = _user_dir(tmp_path / "model")
+    ckpt = _fake_checkpoint(tmp_path / "ckpt")
+    other = _user_dir(tmp_path / "other")
+    monkeypatch.chdir(work)
+    out, extra = {
+        "non-empty": (str(other), []), "non-empty --overwrite": (str(other), ["--overwrite"]),
+        "dot": (".", []), "empty string": ("", []), "model dir": (str(model), []),
+        "inside model dir": (str(model / "q"), []), "previous checkpoint": (str(ckpt), []),
+        "parent is a file": ("notes.txt/ck", []),
+    }[case]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["prepare", "--model", str(model), "--out", out, *extra, *FAST]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cloq prepare: error: --out") and message in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "model", "other", "work"]
+
+
+def test_finetune_refuses_to_write_over_its_checkpoint(tmp_path, capsys):
+    ckpt = _fake_checkpoint(tmp_path / "ckpt")
+    assert main(["finetune", str(ckpt), "--out", str(ckpt)]) == 1
+    assert "inside the input" in capsys.readouterr().err

@@ -5,7 +5,8 @@ Every backend module (``torch_ref``, ``triton``, ``cpp``) exposes the same funct
 * ``dequantize(qw) -> Tensor``: float32 (out_features, in_features).
 * ``forward(x, qw, lora_A, lora_B, scaling, bias=None, x_lora=None) -> (y, S)``:
   ``S = x_lora @ A^T`` and ``y = x @ Ŵ^T + scaling * S @ B^T + bias``, for 2-D ``x`` [M, K];
-  ``x_lora`` (dropout applied) defaults to ``x``. ``y`` has x's dtype; ``S`` is float32.
+  ``x_lora`` (dropout applied) defaults to ``x``. ``y`` has x's dtype; ``S`` is float32 here
+  (the Triton backend returns it in x's dtype, as cuBLAS consumes it; ``backward`` takes either).
 * ``backward(dy, x, S, qw, lora_A, lora_B, scaling, x_lora=None, need_dx=True)
   -> (dx, dx_lora, dA, dB)`` with ``dS = scaling * dy @ B``, ``dB = scaling * dy^T @ S``,
   ``dA = dS^T @ x_lora``, ``dx = dy @ Ŵ`` plus ``dS @ A`` when ``x_lora`` is None (fused), else

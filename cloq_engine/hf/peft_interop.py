@@ -23,13 +23,15 @@ from torch import nn
 
 from ..nn import QuantLoRAFunction, QuantLoRALinear
 from .merge import conv1d_names, quant_layers
-from .persistence import quantization_record, replace_dir, staging_dir
+from .output_dir import check_output_dir, is_cloq_adapter, write_dir_atomically
+from .persistence import quantization_record
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+DEQUANTIZED_BASE = "cloq-dequantized-base-of:{source}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,10 +55,13 @@ def peft_adapter_config(model: nn.Module) -> dict:
     lora = record["lora"]
     targets = record["targets"]
     config = getattr(model, "config", None)
+    source = record.get("base_model") or getattr(config, "_name_or_path", None) or None
     return {
         "peft_type": "LORA",
         "task_type": _task_type(model),
-        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
+        # Not the full-precision model: the adapter is right only on the dequantized base, so a
+        # loader that follows this name (AutoPeftModel) fails instead of silently using W.
+        "base_model_name_or_path": DEQUANTIZED_BASE.format(source=source),
         "r": lora["rank"],
         "rank_pattern": dict(lora.get("rank_pattern") or {}),
         "lora_alpha": lora["alpha"],
@@ -71,7 +76,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
     }
 
 
-def export_peft_adapter(model: nn.Module, save_directory) -> str:
+def export_peft_adapter(model: nn.Module, save_directory, overwrite: bool = True) -> str:
     """Write ``model``'s LoRA factors as a PEFT adapter directory, atomically.
 
     ``adapter_model.safetensors`` holds ``base_model.model.<name>.lora_A.weight`` (r, in) and
@@ -82,10 +87,11 @@ def export_peft_adapter(model: nn.Module, save_directory) -> str:
     """
     from safetensors.torch import save_file
 
-    target = os.path.abspath(os.fspath(save_directory))
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise ValueError(f"`save_directory` {target!r} exists and is not a directory")
+    if os.path.isfile(os.fspath(save_directory)):
+        raise ValueError(f"`save_directory` {os.fspath(save_directory)!r} exists and is not a directory")
     record = quantization_record(model)
+    target = check_output_dir(save_directory, overwrite=overwrite, inputs=[record.get("base_model")],
+                              recognise=is_cloq_adapter, what="cloq PEFT adapter")
     adapter_config = peft_adapter_config(model)
     layers = quant_layers(model)
     missing = [t for t in record["targets"] if t not in layers]
@@ -97,13 +103,17 @@ def export_peft_adapter(model: nn.Module, save_directory) -> str:
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
     metadata = {"format": "pt", "cloq_init": str(record["lora"]["init"]),
-                "cloq_quant": json.dumps(record["quant"], sort_keys=True)}
-    with staging_dir(target) as tmp:
+                "cloq_quant": json.dumps(record["quant"], sort_keys=True),
+                "cloq_base_model": str(record.get("base_model") or ""),
+                "cloq_load_with": "peft.PeftModel.from_pretrained(cloq_engine.dequantized_base(model), adapter_dir)"}
+
+    def write(tmp: str) -> None:
         save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata=metadata)
         with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(adapter_config, f, indent=2, sort_keys=True)
             f.write("\n")
-        replace_dir(tmp, target)
+
+    write_dir_atomically(target, write)
     logger.info("exported a PEFT adapter of %d layers to %s", len(layers), target)
     return target
 

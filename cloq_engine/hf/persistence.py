@@ -3,7 +3,8 @@
 The checkpoint holds the model's full state dict with the packed buffers (``qweight``, ``scales``,
 ``zeros``) and LoRA factors of every :class:`QuantLoRALinear`, and every other weight as is.
 ``config.json`` is the Hugging Face config with ``quantization_config = {"quant_method": "cloq",
-"quant": ..., "lora": ..., "targets": [...]}``.
+"format_version": 1, "quant": ..., "lora": ..., "targets": [...], "checksums": {tensor: sha256}}``;
+the checksums of every stored tensor are verified on load, so a corrupted tensor is refused by name.
 
 Loading is two-phase (gpt-fast): the model is built from its config with parameters on ``meta``
 (buffers such as rotary ``inv_freq`` are computed for real), the recorded targets are swapped for
@@ -16,20 +17,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..config import LoRAConfig, QuantConfig
-from ..nn import QUANT_BUFFERS, QuantLoRALinear, linear_weight
-from .prepare import mark_trainable
-from .targets import replace_modules
+from ..convert import linear_weight, mark_trainable, replace_modules
+from ..nn import QUANT_BUFFERS, QuantLoRALinear
+from .output_dir import check_output_dir, recover_interrupted, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ QUANT_METHOD = "cloq"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ALIASES_KEY = "cloq_aliases"  # safetensors metadata: {dropped name: kept name} for tied tensors
+FORMAT_VERSION = 1  # of the quantization record; 1 added `format_version` and `checksums`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +64,15 @@ def parse_record(record, source: str) -> Tuple[QuantConfig, LoRAConfig, List[str
     if record.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{source}: `quantization_config.quant_method` must be {QUANT_METHOD!r}; "
                          f"got {record.get('quant_method')!r}")
+    version = record.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"{source}: `quantization_config.format_version` must be a non-negative integer; got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{source}: `quantization_config.format_version` is {version}, newer than the {FORMAT_VERSION} "
+                         "this cloq-engine reads: upgrade cloq-engine")
+    checksums = record.get("checksums", {})
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise ValueError(f"{source}: `quantization_config.checksums` must map tensor names to sha256 strings")
     for key in ("quant", "lora", "targets"):
         if key not in record:
             raise ValueError(f"{source}: `quantization_config.{key}` is missing")
@@ -81,6 +91,28 @@ def parse_record(record, source: str) -> Tuple[QuantConfig, LoRAConfig, List[str
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
+def tensor_checksum(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (row-major, its own dtype)."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_checksums(names, get, checksums: Dict[str, str], file: str) -> None:
+    """Refuse a file whose tensors differ from the checksums recorded when it was saved.
+
+    ``names``: the tensors the file holds; ``get(name)``: one tensor (read one at a time, so a
+    lazy reader never holds the whole file twice)."""
+    missing = sorted(set(checksums) - set(names))
+    if missing:
+        raise ValueError(f"{file}: missing {len(missing)} tensor(s) recorded in `quantization_config.checksums`, "
+                         f"e.g. {missing[:5]}")
+    bad = [k for k, want in checksums.items() if tensor_checksum(get(k)) != want]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(f"{file}: tensor {bad[0]!r} fails its checksum{more}: the file is corrupted; "
+                         "save or copy the checkpoint again")
+
+
 def _storage_key(t: torch.Tensor):
     return (t.device, t.untyped_storage().data_ptr())
 
@@ -125,56 +157,46 @@ def _hf_config_dict(model: nn.Module, record: dict) -> dict:
     return d
 
 
-@contextlib.contextmanager
-def staging_dir(target: str):
-    """A fresh directory next to ``target``; removed unless it was moved into place."""
-    parent = os.path.dirname(os.path.abspath(target)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(target))}.tmp-", dir=parent)
-    try:
-        yield tmp
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+def protected_inputs(model: nn.Module) -> List[str]:
+    """Local directories ``model`` was made from (its full-precision source), which a save must not touch."""
+    from .output_dir import is_cloq_checkpoint
+
+    record = getattr(model, "cloq_config", None) or {}
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    candidates = [record.get("base_model") if isinstance(record, dict) else None,
+                  None if source and is_cloq_checkpoint(str(source)) else source]  # a checkpoint may be re-saved
+    return [str(c) for c in candidates if c and os.path.isdir(str(c))]
 
 
-def replace_dir(src: str, dst: str) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is removed only once ``src`` is in place."""
-    if not os.path.exists(dst):
-        os.replace(src, dst)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst) or ".")
-    os.rmdir(old)
-    os.replace(dst, old)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_pretrained(model: nn.Module, save_directory, tokenizer=None) -> str:
+def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite: bool = True) -> str:
     """Write a prepared model to ``save_directory``, atomically.
 
     Files: ``model.safetensors`` (the full state dict: packed base buffers, LoRA factors, all other
-    weights), ``config.json`` (the model's config with the cloq ``quantization_config``), the
-    generation config when the model has one, and the tokenizer's files when ``tokenizer`` is given.
-    Everything is written into a temporary directory next to ``save_directory`` and renamed into
-    place; an existing directory is replaced only after the new checkpoint is complete.
+    weights), ``config.json`` (the model's config with the cloq ``quantization_config``, holding a
+    sha256 of every stored tensor), the generation config when the model has one, and the
+    tokenizer's files when ``tokenizer`` is given. Everything is written into a temporary
+    directory next to ``save_directory`` and swapped into place (see :mod:`.output_dir`).
+
+    Args:
+        overwrite: replace a previous cloq checkpoint at ``save_directory`` (the whole directory).
+            Anything else is never replaced: a non-empty directory that is not a cloq checkpoint,
+            the working directory, the model's own source directory are refused with ValueError.
 
     Returns the absolute path of the checkpoint directory.
     """
     from safetensors.torch import save_file
 
-    target = os.path.abspath(os.fspath(save_directory))
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise ValueError(f"`save_directory` {target!r} exists and is not a directory")
+    if os.path.isfile(os.fspath(save_directory)):
+        raise ValueError(f"`save_directory` {os.fspath(save_directory)!r} exists and is not a directory")
     record = quantization_record(model)
-    config_dict = _hf_config_dict(model, record)
+    target = check_output_dir(save_directory, overwrite=overwrite, inputs=protected_inputs(model))
     state, aliases = deduplicated_state_dict(model)
+    record = {**record, "format_version": FORMAT_VERSION,
+              "checksums": {k: tensor_checksum(t) for k, t in state.items()}}
+    config_dict = _hf_config_dict(model, record)
     metadata = {"format": "pt", ALIASES_KEY: json.dumps(aliases, sort_keys=True)}
-    with staging_dir(target) as tmp:
+
+    def write(tmp: str) -> None:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config_dict, f, indent=2, sort_keys=True)
@@ -184,7 +206,8 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None) -> str:
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, target)
+
+    write_dir_atomically(target, write)
     logger.info("saved %d tensors (%d tied) to %s", len(state), len(aliases), target)
     return target
 
@@ -194,6 +217,8 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None) -> str:
 # ---------------------------------------------------------------------------------------------
 def read_config(path: str) -> dict:
     """``config.json`` of checkpoint directory ``path`` as a dict, with errors naming the file."""
+    if not os.path.lexists(path):
+        recover_interrupted(os.path.abspath(path))  # a save killed mid-swap left it aside
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg_path = os.path.join(path, CONFIG_NAME)
@@ -380,6 +405,12 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
     aliases = {**_declared_ties(model, state), **aliases}
     packed = {f"{t}.{b}" for t in targets for b in QUANT_BUFFERS}
     _check_state(model, state, aliases, weights, packed)
+    checksums = raw["quantization_config"].get("checksums")
+    if checksums:
+        verify_checksums(state.keys(), state.__getitem__, checksums, weights)
+    else:
+        logger.info("%s records no checksums (written by transformers' save_pretrained or an older cloq-engine): "
+                    "not verified", cfg_file)
     if dtype is not None:
         state = {k: (t.to(dtype) if t.dtype.is_floating_point and k not in packed else t) for k, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)

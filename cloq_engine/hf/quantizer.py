@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
-from .persistence import QUANT_METHOD, WEIGHTS_NAME, parse_record, swap_in_empty_layers, tie_aliases
-from .prepare import mark_trainable
+from ..convert import mark_trainable
+from .persistence import (FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, parse_record, swap_in_empty_layers,
+                          tie_aliases, verify_checksums)
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +37,24 @@ def _classes():
             quant: QuantConfig.to_dict() of the base weights.
             lora: LoRAConfig.to_dict() of the adapters.
             targets: fully qualified names of the QuantLoRALinear modules.
+            base_model: the full-precision model it was made from.
+            format_version: of the record (see persistence.FORMAT_VERSION).
+            checksums: sha256 of every tensor of the checkpoint being loaded; verified on load and
+                never written back (the tensors change with training).
         """
 
         def __init__(self, quant: Optional[dict] = None, lora: Optional[dict] = None, targets=None,
-                     base_model: Optional[str] = None, **kwargs):
+                     base_model: Optional[str] = None, format_version: int = FORMAT_VERSION,
+                     checksums: Optional[dict] = None, **kwargs):
             self.quant_method = QUANT_METHOD
             self.base_model = base_model
-            self.quant_config, self.lora_config, self.targets = parse_record(
-                {"quant_method": QUANT_METHOD, "quant": quant, "lora": lora, "targets": targets},
-                "quantization_config",
-            )
+            record = {"quant_method": QUANT_METHOD, "quant": quant, "lora": lora, "targets": targets,
+                      "format_version": format_version, "checksums": checksums or {}}
+            self.quant_config, self.lora_config, self.targets = parse_record(record, "quantization_config")
+            self.checksums = dict(checksums or {})
 
         def to_dict(self) -> dict:
-            d = {"quant_method": QUANT_METHOD, "quant": self.quant_config.to_dict(),
+            d = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "quant": self.quant_config.to_dict(),
                  "lora": self.lora_config.to_dict(), "targets": list(self.targets)}
             if self.base_model:
                 d["base_model"] = self.base_model
@@ -72,6 +78,7 @@ def _classes():
             swap_in_empty_layers(model, qc.quant_config, qc.lora_config, qc.targets, lora_dtype)
             _skip_weight_init(model, qc.targets)
             self._aliases = _read_aliases(checkpoint_files)
+            _verify_files(checkpoint_files, qc.checksums)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -127,6 +134,18 @@ def _read_aliases(checkpoint_files) -> dict:
         except (SafetensorError, json.JSONDecodeError, OSError):
             logger.warning("could not read tied-tensor metadata of %s", file)
     return {}
+
+
+def _verify_files(checkpoint_files, checksums: dict) -> None:
+    """Check our safetensors file against the recorded checksums before transformers loads it."""
+    from safetensors import safe_open
+
+    if not checksums:
+        return
+    for file in checkpoint_files or []:
+        if os.path.basename(str(file)) == WEIGHTS_NAME:
+            with safe_open(str(file), framework="pt") as f:
+                verify_checksums(list(f.keys()), f.get_tensor, checksums, str(file))
 
 
 def attach_quantization_config(model) -> None:

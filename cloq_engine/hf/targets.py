@@ -1,17 +1,13 @@
-"""Which modules to replace, and the one walker that replaces them (by fully qualified name)."""
+"""Which modules to replace (by fully qualified name); ``convert.replace_modules`` swaps them."""
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 from torch import nn
 
 from ..config import LoRAConfig
-from ..nn import is_conv1d
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+from ..convert import is_linear_like, replace_modules  # noqa: F401  (replace_modules: re-exported)
 
 
 def _matches(name: str, patterns) -> bool:
@@ -49,14 +45,6 @@ def find_targets(model: nn.Module, lora_config: LoRAConfig) -> List[str]:
     if not names:
         raise ValueError(f"`target_modules`={spec!r} selects no linear layer of {type(model).__name__}")
     return names
-
-
-def replace_modules(model: nn.Module, replacements: Dict[str, nn.Module]) -> None:
-    """Swap each named submodule for its replacement, in place."""
-    for name, new in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
 
 
 def map_modules(model: nn.Module, names: List[str], fn: Callable[[str, nn.Module], nn.Module]) -> None:

@@ -78,7 +78,7 @@ def _quant_args(bits: int, N: int, K: int, group: int) -> dict:
 
 
 def kernel_cases(bits_variants=BIT_VARIANTS, dtype: torch.dtype = torch.float16) -> List[KernelCase]:
-    from . import dequant, dequant_gemm, dequant_gemm_t, dequant_gemv_splitk, gram_syrk, lora_matmul
+    from . import dequant, dequant_gemm, dequant_gemm_t, gemv, gram_syrk
     from .utils import dot_precision
 
     N = K = 4096
@@ -92,38 +92,35 @@ def kernel_cases(bits_variants=BIT_VARIANTS, dtype: torch.dtype = torch.float16)
         meta = dict(BITS=bits, NF4=nf4, R_PAD=16, DOT_PRECISION=prec)
         fwd = dict(
             x_ptr=Ptr(dtype), s_ptr=Ptr(torch.float32), b_ptr=Ptr(dtype), bias_ptr=Ptr(dtype),
-            M=2048, N=N, K=K, R=R, m_bucket=2048, stride_xm=K, stride_xk=1, stride_lm=R, stride_lr=1, stride_bn=R, stride_br=1,
+            M=2048, N=N, K=K, R=R, stride_xm=K, stride_xk=1, stride_lm=R, stride_lr=1, stride_bn=R, stride_br=1,
             stride_ym=N, stride_yn=1, scaling=2.0, **q,
         )
         cases.append(KernelCase(f"dequant_gemm[{variant}]", dequant_gemm.dequant_gemm_kernel,
                                 dict(fwd, y_ptr=Ptr(dtype)), dict(meta, HAS_LORA=True, HAS_BIAS=True),
                                 dequant_gemm.gemm_configs()))
-        for block_m in (1, dequant_gemv_splitk.MAX_M):
+        for block_m in (1, gemv.MAX_M):
             cases.append(KernelCase(
-                f"dequant_gemv_splitk[{variant},m{block_m}]", dequant_gemv_splitk.dequant_gemv_splitk_kernel,
-                dict(fwd, M=block_m, m_bucket=block_m, y_ptr=Ptr(torch.float32)),
-                dict(meta, HAS_LORA=True, HAS_BIAS=True, BLOCK_M=block_m), dequant_gemv_splitk.gemv_configs()))
+                f"gemv[{variant},m{block_m}]", gemv.gemv_kernel,
+                dict(fwd, M=block_m, y_ptr=Ptr(dtype), part_ptr=Ptr(torch.float32), lock_ptr=Ptr(torch.int32),
+                     tiles_per_split=8),
+                dict(meta, HAS_LORA=True, HAS_BIAS=True, BLOCK_M=block_m),
+                [_config({**c.kwargs, "SPLIT_K": c.kwargs["SPLIT_K"] or 4}, c.num_warps, c.num_stages)
+                 for c in gemv.gemv_configs()]))
         cases.append(KernelCase(
             f"dequant_gemm_t[{variant}]", dequant_gemm_t.dequant_gemm_t_kernel,
             dict(dy_ptr=Ptr(dtype), ds_ptr=Ptr(torch.float32), a_ptr=Ptr(dtype), dx_ptr=Ptr(dtype), M=2048, N=N,
-                 K=K, R=R, m_bucket=2048, stride_dym=N, stride_dyn=1, stride_dsm=R, stride_dsr=1, stride_ar=K, stride_ak=1,
+                 K=K, R=R, stride_dym=N, stride_dyn=1, stride_dsm=R, stride_dsr=1, stride_ar=K, stride_ak=1,
                  stride_dxm=K, stride_dxk=1, **q),
             dict(meta, FUSE_LORA=True), dequant_gemm_t.gemm_t_configs()))
-        cases.append(KernelCase(
+        cases.append(KernelCase(  # into a [K + r, N] workspace in the activation dtype
             f"dequant[{variant}]", dequant.dequant_kernel,
-            dict(w_ptr=Ptr(torch.float32), N=N, K=K, stride_wn=K, stride_wk=1, **q),
-            dict(BITS=bits, NF4=nf4),
-            [_config({"BLOCK_K": dequant.BLOCK_K, "BLOCK_N": dequant.BLOCK_N}, 4, 1)]))
+            dict(w_ptr=Ptr(dtype), N=N, K=K, stride_wk=N, stride_wn=1, **q),
+            dict(BITS=bits, NF4=nf4), dequant.dequant_configs()))
     cases.append(KernelCase(
         "gram_syrk", gram_syrk.gram_syrk_kernel,
         dict(x_ptr=Ptr(dtype), h_ptr=Ptr(torch.float32), T=8192, K=K, t_bucket=8192, stride_xt=K, stride_xk=1, stride_hi=K,
              stride_hj=1),
         dict(DOT_PRECISION=prec), gram_syrk.syrk_configs()))
-    cases.append(KernelCase(
-        "lora_matmul", lora_matmul.lora_matmul_kernel,
-        dict(l_ptr=Ptr(dtype), r_ptr=Ptr(dtype), c_ptr=Ptr(torch.float32), P=2048, Q=R, T=K, stride_lp=K,
-             stride_lt=1, stride_rt=1, stride_rq=K, stride_cp=R, stride_cq=1, alpha=1.0),
-        {}, lora_matmul.lora_matmul_configs()))
     return cases
 
 

@@ -3,7 +3,7 @@
 Each program owns a [BLOCK_M, BLOCK_N] tile of Y. The K loop loads an activation tile and a packed
 weight tile (at packed shape), dequantizes it with one scale row (BLOCK_K divides the group size),
 casts it to the activation dtype and accumulates with ``tl.dot`` in float32. The LoRA up-projection
-``S·B^T`` (S = X_lora·A^T, computed beforehand by :mod:`.lora_matmul`) and the bias are the epilogue.
+``S·B^T`` (S = X_lora·A^T, one cuBLAS call beforehand) and the bias are the epilogue.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, dot_precision, load_wt_tile, lora_up, m_bucket, r_pad, shared_limit, swizzle_tile
+from . import configs
+from .utils import INTERPRET, dot_precision, load_wt_tile, lora_up, r_pad, shared_limit, swizzle_tile
 
 
 # ---------------------------------------------------------------------------------------------
@@ -25,21 +26,15 @@ def gemm_configs() -> list:
         (64, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
         (64, 128, 64, 8, 3),
-        (128, 64, 64, 4, 3),
         (128, 128, 32, 8, 4),
         (128, 128, 64, 8, 3),
         (64, 64, 128, 4, 3),
-    ]  # larger tiles (128x256x32, 128x128x128 with 8 warps) spill registers: see kernels.check
+    ]  # larger tiles (128x256x32, 128x128x128 with 8 warps; 128x64x64 with 4 warps: NF4, bf16, sm_80) spill
+    # registers: see kernels.check
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in rows
     ]
-
-
-def _tuning_configs() -> list:
-    if INTERPRET:  # one tiny config: the interpreter cannot benchmark and is slow per program
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
-    return gemm_configs()
 
 
 def shared_bytes_estimate(cfg: dict, num_stages: int, x_bytes: int, bits: int) -> int:
@@ -49,17 +44,32 @@ def shared_bytes_estimate(cfg: dict, num_stages: int, x_bytes: int, bits: int) -
     return num_stages * (a + b)
 
 
-def prune_configs(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    group_size, num_groups = args["group_size"], args["num_groups"]
-    x = args["x_ptr"]
+DEFAULT = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4)
+
+
+def prune_configs(configs, x: torch.Tensor, bits: int, group_size: int, num_groups: int) -> list:
+    """Configs whose BLOCK_K serves one scale row and whose buffers fit the device's shared memory."""
     limit = shared_limit(x.device)
     kept = [
         c for c in configs
-        if (num_groups == 1 or c.kwargs["BLOCK_K"] <= group_size)
-        and shared_bytes_estimate(c.kwargs, c.num_stages, x.element_size(), args["BITS"]) <= limit
+        if (num_groups == 1 or group_size % c.kwargs["BLOCK_K"] == 0)
+        and shared_bytes_estimate(c.kwargs, c.num_stages, x.element_size(), bits) <= limit
     ]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
+
+
+def pick_config(x: torch.Tensor, N: int, K: int, bits: int, group_size: int, bench=None) -> triton.Config:
+    """Shipped config (``configs.json``) for this shape; autotuned once and cached only off the table."""
+    if INTERPRET:  # one tiny config: the interpreter cannot benchmark and is slow per program
+        return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
+    M = x.shape[0]
+    num_groups = max(K // group_size, 1)
+    candidates = prune_configs(gemm_configs(), x, bits, group_size, num_groups)
+    cfg = configs.lookup("dequant_gemm", x.device, DEFAULT, candidates, bench, m=M, n=N, k=K, bits=bits,
+                         group=group_size)
+    if num_groups > 1 and group_size % cfg.kwargs["BLOCK_K"]:  # a shape-wide entry, too deep for this group
+        cfg = candidates[0]
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +80,7 @@ def dequant_gemm_kernel(
     # ---- pointers
     x_ptr, q_ptr, scales_ptr, zeros_ptr, codebook_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
     # ---- sizes
-    M, N, K, KP, R, group_size, num_groups, m_bucket,
+    M, N, K, KP, R, group_size, num_groups,
     # ---- strides
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn,
     stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
@@ -89,12 +99,13 @@ def dequant_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)  # M·K and M·N can pass 2^31 (long sequences x wide layers)
 
     # ---------------------------------------------------------------- K loop
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
         w = load_wt_tile(q_ptr, scales_ptr, zeros_ptr, codebook_ptr, k0, offs_n, mask_n, KP, group_size,
                          num_groups, stride_qk, stride_qn, stride_sg, stride_sn, BITS, NF4, BLOCK_K, BLOCK_N)
@@ -106,15 +117,8 @@ def dequant_gemm_kernel(
                       scaling, R_PAD, True)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-dequant_gemm_tuned = triton.autotune(
-    configs=_tuning_configs(),
-    key=["m_bucket", "N", "K", "group_size", "BITS", "NF4"],
-    prune_configs_by={"early_config_prune": prune_configs},
-)(dequant_gemm_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,16 +138,21 @@ def dequant_gemm(x, qweight, scales, zeros, codebook, S, B, bias, scaling: float
     has_lora = S is not None
     rank = S.shape[1] if has_lora else 1
     dummy = scales
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    dequant_gemm_tuned[grid](
-        x, qweight, scales, dummy if nf4 else zeros, codebook if nf4 else dummy,
-        S if has_lora else dummy, B if has_lora else dummy, bias if bias is not None else dummy, y,
-        M, N, K, kp, rank, group_size, K // group_size, m_bucket(M),
-        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        S.stride(0) if has_lora else 0, S.stride(1) if has_lora else 0,
-        B.stride(0) if has_lora else 0, B.stride(1) if has_lora else 0, y.stride(0), y.stride(1),
-        float(scaling),
-        BITS=bits, NF4=nf4, HAS_LORA=has_lora, HAS_BIAS=bias is not None, R_PAD=r_pad(rank),
-        DOT_PRECISION=dot_precision(x.dtype),
-    )
+
+    def launch(cfg):
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+        dequant_gemm_kernel[grid](
+            x, qweight, scales, dummy if nf4 else zeros, codebook if nf4 else dummy,
+            S if has_lora else dummy, B if has_lora else dummy, bias if bias is not None else dummy, y,
+            M, N, K, kp, rank, group_size, K // group_size,
+            x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            S.stride(0) if has_lora else 0, S.stride(1) if has_lora else 0,
+            B.stride(0) if has_lora else 0, B.stride(1) if has_lora else 0, y.stride(0), y.stride(1),
+            float(scaling),
+            BITS=bits, NF4=nf4, HAS_LORA=has_lora, HAS_BIAS=bias is not None, R_PAD=r_pad(rank),
+            DOT_PRECISION=dot_precision(x.dtype),
+            **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    launch(pick_config(x, N, K, bits, group_size, bench=launch))
     return y

@@ -3,7 +3,7 @@
 Each program owns a [BLOCK_M, BLOCK_K] tile of dX and walks N: it loads the packed weight tile of
 its K rows and the current N columns (the same K-major tile the forward reads), dequantizes it in
 registers with the one scale row of its K tile, and accumulates ``dY_tile @ tile^T`` in float32.
-With ``FUSE_LORA`` the epilogue adds ``dS·A`` (dS = scaling·dY·B, from :mod:`.lora_matmul`), so
+With ``FUSE_LORA`` the epilogue adds ``dS·A`` (dS = scaling·dY·B, from cuBLAS), so
 the input gradient of the base and LoRA branches is written once.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, dot_precision, load_wt_tile, m_bucket, r_pad, shared_limit, swizzle_tile
+from . import configs
+from .utils import INTERPRET, dot_precision, load_wt_tile, r_pad, shared_limit, swizzle_tile
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,29 +36,38 @@ def gemm_t_configs() -> list:
     ]
 
 
-def _tuning_configs() -> list:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
-    return gemm_t_configs()
-
-
 def shared_bytes_estimate(cfg: dict, num_stages: int, x_bytes: int, bits: int) -> int:
     a = cfg["BLOCK_M"] * cfg["BLOCK_N"] * x_bytes
     b = cfg["BLOCK_K"] * bits // 8 * cfg["BLOCK_N"]
     return num_stages * (a + b)
 
 
-def prune_configs(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    group_size, num_groups = args["group_size"], args["num_groups"]
-    dy = args["dy_ptr"]
+DEFAULT = triton.Config({"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4)
+
+
+def prune_configs(configs, dy: torch.Tensor, bits: int, group_size: int, num_groups: int) -> list:
+    """Configs whose BLOCK_K serves one scale row and whose buffers fit the device's shared memory."""
     limit = shared_limit(dy.device)
     kept = [
         c for c in configs
-        if (num_groups == 1 or c.kwargs["BLOCK_K"] <= group_size)
-        and shared_bytes_estimate(c.kwargs, c.num_stages, dy.element_size(), args["BITS"]) <= limit
+        if (num_groups == 1 or group_size % c.kwargs["BLOCK_K"] == 0)
+        and shared_bytes_estimate(c.kwargs, c.num_stages, dy.element_size(), bits) <= limit
     ]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
+
+
+def pick_config(dy: torch.Tensor, N: int, K: int, bits: int, group_size: int, bench=None) -> triton.Config:
+    """Shipped config (``configs.json``) for this shape; autotuned once and cached only off the table."""
+    if INTERPRET:  # one tiny config: the interpreter cannot benchmark and is slow per program
+        return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
+    M = dy.shape[0]
+    num_groups = max(K // group_size, 1)
+    candidates = prune_configs(gemm_t_configs(), dy, bits, group_size, num_groups)
+    cfg = configs.lookup("dequant_gemm_t", dy.device, DEFAULT, candidates, bench, m=M, n=N, k=K, bits=bits,
+                         group=group_size)
+    if num_groups > 1 and group_size % cfg.kwargs["BLOCK_K"]:  # a shape-wide entry, too deep for this group
+        cfg = candidates[0]
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +78,7 @@ def dequant_gemm_t_kernel(
     # ---- pointers
     dy_ptr, q_ptr, scales_ptr, zeros_ptr, codebook_ptr, ds_ptr, a_ptr, dx_ptr,
     # ---- sizes
-    M, N, K, KP, R, group_size, num_groups, m_bucket,
+    M, N, K, KP, R, group_size, num_groups,
     # ---- strides
     stride_dym, stride_dyn, stride_qk, stride_qn, stride_sg, stride_sn,
     stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
@@ -86,13 +96,14 @@ def dequant_gemm_t_kernel(
     mask_m = offs_m < M
     mask_k = offs_k < K
     offs_nb = tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)  # M·K and M·N can pass 2^31 (long sequences x wide layers)
 
     # ---------------------------------------------------------------- N loop
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + offs_nb
         mask_n = offs_n < N
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w_t = load_wt_tile(q_ptr, scales_ptr, zeros_ptr, codebook_ptr, k0, offs_n, mask_n, KP, group_size,
                            num_groups, stride_qk, stride_qn, stride_sg, stride_sn, BITS, NF4, BLOCK_K, BLOCK_N)
@@ -107,15 +118,8 @@ def dequant_gemm_t_kernel(
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(ds, a, acc, input_precision="ieee")
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
-
-
-dequant_gemm_t_tuned = triton.autotune(
-    configs=_tuning_configs(),
-    key=["m_bucket", "N", "K", "group_size", "BITS", "NF4"],
-    prune_configs_by={"early_config_prune": prune_configs},
-)(dequant_gemm_t_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,15 +138,20 @@ def dequant_gemm_t(dy, qweight, scales, zeros, codebook, dS, A, bits: int, group
     fuse = dS is not None
     rank = dS.shape[1] if fuse else 1
     dummy = scales
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-    dequant_gemm_t_tuned[grid](
-        dy, qweight, scales, dummy if nf4 else zeros, codebook if nf4 else dummy,
-        dS if fuse else dummy, A if fuse else dummy, dx,
-        M, N, K, kp, rank, group_size, K // group_size, m_bucket(M),
-        dy.stride(0), dy.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        dS.stride(0) if fuse else 0, dS.stride(1) if fuse else 0,
-        A.stride(0) if fuse else 0, A.stride(1) if fuse else 0, dx.stride(0), dx.stride(1),
-        BITS=bits, NF4=nf4, FUSE_LORA=fuse, R_PAD=r_pad(rank),
-        DOT_PRECISION=dot_precision(dy.dtype),
-    )
+
+    def launch(cfg):
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(K, cfg.kwargs["BLOCK_K"]),)
+        dequant_gemm_t_kernel[grid](
+            dy, qweight, scales, dummy if nf4 else zeros, codebook if nf4 else dummy,
+            dS if fuse else dummy, A if fuse else dummy, dx,
+            M, N, K, kp, rank, group_size, K // group_size,
+            dy.stride(0), dy.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            dS.stride(0) if fuse else 0, dS.stride(1) if fuse else 0,
+            A.stride(0) if fuse else 0, A.stride(1) if fuse else 0, dx.stride(0), dx.stride(1),
+            BITS=bits, NF4=nf4, FUSE_LORA=fuse, R_PAD=r_pad(rank),
+            DOT_PRECISION=dot_precision(dy.dtype),
+            **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    launch(pick_config(dy, N, K, bits, group_size, bench=launch))
     return dx

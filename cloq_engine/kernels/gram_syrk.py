@@ -65,6 +65,7 @@ def gram_syrk_kernel(
     for t0 in range(0, T, BLOCK_T):
         tt = t0 + offs_t
         mask_t = tt < T
+        tt = tt.to(tl.int64)  # T·K can pass 2^31 (long calibration runs of wide layers)
         xi = tl.load(x_ptr + tt[:, None] * stride_xt + offs_i[None, :] * stride_xk,
                      mask=mask_t[:, None] & mask_i[None, :], other=0.0)
         xj = tl.load(x_ptr + tt[:, None] * stride_xt + offs_j[None, :] * stride_xk,

@@ -86,6 +86,69 @@ def dequant_tile(codes, s, zs, codebook_ptr, NF4: tl.constexpr):
 
 
 @triton.jit
+def expanded_codes(q_ptr, k0, offs_n, mask_n, KP, stride_qk, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(codes, kk) of K rows ``k0 .. k0 + BLOCK_K`` with every packed word loaded once, expanded
+    over an extra axis instead of reshaped (no layout change, so the tile stays coalesced along N).
+
+    2/4-bit: codes int32 [BLOCK_K / PW, PW, BLOCK_N] with code k = k0 + PW·r + j at [r, j, :].
+    3-bit: [BLOCK_K / 32, 2, 16, BLOCK_N] with k = k0 + 32a + 16b + c (low 2 bits in plane word
+    k // 16 at bit 2c, high bit in word k // 32 at bit 16b + c). ``kk`` holds k with a size-1 N axis.
+    Rows at or past ``KP`` read as code 0.
+    """
+    if BITS == 3:
+        a = tl.arange(0, BLOCK_K // 32)[:, None, None, None]
+        b = tl.arange(0, 2)[None, :, None, None]
+        c = tl.arange(0, 16)[None, None, :, None]
+        n_ = offs_n[None, None, None, :]
+        mn = mask_n[None, None, None, :]
+        r_lo = k0 // 16 + 2 * a + b
+        lo = tl.load(q_ptr + r_lo * stride_qk + n_ * stride_qn, mask=(r_lo < KP // 16) & mn, other=0)
+        r_hi = k0 // 32 + a
+        hi = tl.load(q_ptr + (KP // 16 + r_hi) * stride_qk + n_ * stride_qn, mask=(r_hi < KP // 32) & mn, other=0)
+        codes = ((lo >> (2 * c)) & 3) | (((hi >> (16 * b + c)) & 1) << 2)
+        kk = k0 + 32 * a + 16 * b + c
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        r = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)[:, None, None]
+        j = tl.arange(0, PER_WORD)[None, :, None]
+        words = tl.load(q_ptr + r * stride_qk + offs_n[None, None, :] * stride_qn,
+                        mask=(r < KP // PER_WORD) & mask_n[None, None, :], other=0)
+        codes = (words >> (j * BITS)) & ((1 << BITS) - 1)
+        kk = r * PER_WORD + j
+    return codes, kk
+
+
+@triton.jit
+def along_n(v, BITS: tl.constexpr):
+    """A [BLOCK_N] vector broadcastable against :func:`expanded_codes`' tiles."""
+    if BITS == 3:
+        out = v[None, None, None, :]
+    else:
+        out = v[None, None, :]
+    return out
+
+
+@triton.jit
+def sum_over_k(t, BITS: tl.constexpr):
+    """Sum an expanded tile over its K axes -> [BLOCK_N]."""
+    out = tl.sum(tl.sum(t, axis=0), axis=0)
+    if BITS == 3:
+        out = tl.sum(out, axis=0)
+    return out
+
+
+@triton.jit
+def codes_to_float(codes, codebook_ptr, NF4: tl.constexpr):
+    """float32 codes (NF4: the codebook levels). Integer codes use the 2^23 trick: OR-ing the
+    exponent bits of 2^23 and subtracting 2^23 is one logic op and one add, no int->float convert."""
+    if NF4:
+        v = tl.load(codebook_ptr + codes)
+    else:
+        v = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return v
+
+
+@triton.jit
 def load_wt_tile(q_ptr, scales_ptr, zeros_ptr, codebook_ptr, k0, offs_n, mask_n, KP, group_size, num_groups,
                  stride_qk, stride_qn, stride_sg, stride_sn,
                  BITS: tl.constexpr, NF4: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):

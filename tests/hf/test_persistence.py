@@ -275,3 +275,72 @@ def test_broken_checkpoints_raise_errors_naming_file_and_problem(corrupt, error,
 def test_missing_directory_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
         ce.load_pretrained(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: every stored tensor has a recorded sha256, checked on load
+# ---------------------------------------------------------------------------------------------
+QWEIGHT = "model.layers.1.mlp.down_proj.qweight"
+
+
+def flip_byte(path, tensor):
+    """Flip one bit in the middle of ``tensor``'s bytes inside model.safetensors (header intact)."""
+    import struct
+
+    file = os.path.join(path, "model.safetensors")
+    data = bytearray(open(file, "rb").read())
+    n = struct.unpack("<Q", data[:8])[0]
+    begin, end = json.loads(data[8:8 + n])[tensor]["data_offsets"]
+    data[8 + n + (begin + end) // 2] ^= 0x10
+    open(file, "wb").write(bytes(data))
+
+
+def test_checkpoint_records_format_version_and_a_checksum_of_every_tensor(llama_checkpoint):
+    from safetensors import safe_open
+
+    _, path = llama_checkpoint
+    with open(os.path.join(path, "config.json")) as f:
+        q = json.load(f)["quantization_config"]
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        assert set(q["checksums"]) == set(f.keys())
+        assert q["checksums"][QWEIGHT] == persistence.tensor_checksum(f.get_tensor(QWEIGHT))
+    assert q["format_version"] == persistence.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("loader", ["load_pretrained", "from_pretrained"])
+def test_a_flipped_byte_in_a_qweight_is_refused_by_name(loader, llama_checkpoint, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path = str(tmp_path / "ck")
+    shutil.copytree(llama_checkpoint[1], path)
+    flip_byte(path, QWEIGHT)
+    load = ce.load_pretrained if loader == "load_pretrained" else AutoModelForCausalLM.from_pretrained
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{QWEIGHT}' fails its checksum"):
+        load(path)
+
+
+def test_checkpoint_from_a_newer_format_is_refused(llama_checkpoint, tmp_path):
+    import shutil
+
+    path = str(tmp_path / "ck")
+    shutil.copytree(llama_checkpoint[1], path)
+    _set_config(path, lambda c: c["quantization_config"].update(format_version=99))
+    with pytest.raises(ValueError, match="format_version` is 99, newer than the 1"):
+        ce.load_pretrained(path)
+
+
+def test_transformers_resave_after_training_does_not_carry_stale_checksums(llama_checkpoint, tmp_path):
+    """The LoRA factors change in training: a checkpoint that transformers (Trainer) writes must not
+    keep the checksums of the loaded file."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_checkpoint[1])
+    with torch.no_grad():
+        model.get_submodule(model.cloq_config["targets"][0]).lora_A.add_(1.0)
+    model.save_pretrained(tmp_path / "hf")
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert "checksums" not in json.load(f)["quantization_config"]
+    loaded = ce.load_pretrained(tmp_path / "hf")
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))

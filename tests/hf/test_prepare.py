@@ -98,3 +98,36 @@ def test_minilm_2bit_cloq_beats_zero_and_loftq_on_heldout_embeddings(minilm):
         m = ce.prepare_model(copy.deepcopy(model), qc, ce.LoRAConfig(rank=16, alpha=16, init=init), calib=calib)
         scores[init] = embedding_agreement(sentence_embeddings(m, heldout), ref)["cosine"]
     assert scores["cloq"] > scores["zero"] and scores["cloq"] > scores["loftq"], scores
+
+
+def test_true_sequential_lowers_o_proj_and_down_proj_error():
+    """o_proj/down_proj calibrated on the outputs of the already-quantized q/k/v and gate/up: their
+    error on the inputs they really see in the prepared model is lower than with one-pass H."""
+    from cloq_engine.calib import GramHooks
+    from cloq_engine.hf.prepare import relative_error
+
+    base, calib = tiny_model("llama"), tiny_calib(8)
+    qc, lc = ce.QuantConfig(bits=2, group_size=32, method="gptq"), ce.LoRAConfig(rank=4, alpha=8, init="cloq")
+    errs, packed = {}, {}
+    for ts in (True, False):
+        m = ce.prepare_model(copy.deepcopy(base), qc, lc, calib=calib, true_sequential=ts)
+        names = [n for n in m.cloq_config["targets"] if n.endswith(("o_proj", "down_proj"))]
+        with GramHooks(m, names) as g, torch.no_grad():
+            for ids in calib:
+                m(input_ids=ids)
+        W = {n: base.get_submodule(n).weight.detach().float() for n in names}
+        errs[ts] = {n: relative_error(W[n] - m.get_submodule(n).merged_weight().detach(), W[n], g.H(n)) for n in names}
+        packed[ts] = m.get_submodule("model.layers.0.self_attn.o_proj").qweight
+    assert not torch.equal(packed[True], packed[False])
+    for n in errs[True]:
+        assert errs[True][n] < 0.9 * errs[False][n], (n, errs[True][n], errs[False][n])
+
+
+def test_report_modes():
+    model = tiny_model("llama")
+    ce.prepare_model(model, ce.QuantConfig(bits=4, group_size=32, method="rtn"), ce.LoRAConfig(rank=4, init="zero"),
+                     report="off")
+    assert all(r.err_quant != r.err_quant for r in model.cloq_report.layers)  # NaN: not measured
+    with pytest.raises(ValueError, match="`report`"):
+        ce.prepare_model(tiny_model("llama"), ce.QuantConfig(method="rtn", group_size=32), ce.LoRAConfig(init="zero"),
+                         report="full")

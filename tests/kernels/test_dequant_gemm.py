@@ -48,6 +48,6 @@ def test_wrong_in_features_is_rejected():
 @pytest.mark.parametrize("group_size,num_groups,max_block_k", [(32, 4, 32), (64, 2, 64), (128, 1, 128), (80, 1, 128)])
 def test_configs_pruned_to_one_scale_row_per_tile(group_size, num_groups, max_block_k):
     x = torch.empty(64, 128, dtype=torch.float16)
-    kept = prune_configs(gemm_configs(), {"x_ptr": x, "group_size": group_size, "num_groups": num_groups, "BITS": 4})
+    kept = prune_configs(gemm_configs(), x, 4, group_size, num_groups)
     assert kept and max(c.kwargs["BLOCK_K"] for c in kept) == max_block_k
     assert all(c.kwargs["BLOCK_K"] <= group_size or num_groups == 1 for c in kept)

@@ -1,0 +1,164 @@
+"""Dense linear layers into quantized LoRA layers: quantize, initialise, swap in, freeze.
+
+Every path that makes a quantized layer goes through here (``QuantLoRALinear.from_linear``,
+``prepare_model``, the streaming prepare), so a layer is built the same way everywhere.
+
+This module sits below ``nn.py``: it never imports the layer class. Callers pass it as
+``layer_cls``, which also lets a subclass's ``from_linear`` build the subclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import init as init_mod
+from .config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
+from .formats import QuantizedWeight
+from .quant import quantize_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense layers
+# ---------------------------------------------------------------------------------------------
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (weight stored (in, out))."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of an nn.Linear or Conv1D in nn.Linear's (out, in) orientation."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    if is_conv1d(module):
+        return module.weight.detach().t()
+    raise TypeError(f"expected nn.Linear or Conv1D; got {type(module).__name__}")
+
+
+def lora_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the new layer's LoRA factors and bias take: the dense weight's float dtype."""
+    dtype = module.weight.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize and initialise
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LayerInit:
+    """What a layer is built from: its quantized weight, LoRA factors (float32) and timings."""
+
+    qw: QuantizedWeight
+    A: torch.Tensor
+    B: torch.Tensor
+    quantize_s: float = 0.0
+    init_s: float = 0.0
+
+
+def split_rows(qw: QuantizedWeight, sizes: Sequence[int]) -> List[QuantizedWeight]:
+    """Split a quantized weight by output rows. Rows are independent in the packed format
+    (``qweight``, ``scales`` and ``zeros`` are all [*, N]), so each part is exactly what that
+    row range was quantized to."""
+    if sum(sizes) != qw.out_features:
+        raise ValueError(f"row sizes {list(sizes)} do not add up to out_features={qw.out_features}")
+    parts, start = [], 0
+    for n in sizes:
+        cols = slice(start, start + n)
+        parts.append(QuantizedWeight(
+            qweight=qw.qweight[:, cols].contiguous(), scales=qw.scales[:, cols].contiguous(),
+            zeros=None if qw.zeros is None else qw.zeros[:, cols].contiguous(), bits=qw.bits,
+            group_size=qw.group_size, in_features=qw.in_features, out_features=n, method=qw.method))
+        start += n
+    return parts
+
+
+def quantize_group(weights: Sequence[torch.Tensor], quant_config: QuantConfig,
+                   H: Optional[torch.Tensor] = None) -> List[QuantizedWeight]:
+    """Quantize weights that share one ``H`` (q/k/v, gate/up).
+
+    GPTQ runs once on the weights stacked by rows: one damped Cholesky and one column sweep
+    instead of one per layer. GPTQ treats rows independently (error feedback and group fits are
+    per row), so this is the same algorithm as layer by layer. Other methods need no H and run
+    per layer.
+    """
+    if len(weights) > 1 and quant_config.method == QuantMethod.GPTQ:
+        stacked = torch.cat([W.float() for W in weights], dim=0)
+        return split_rows(quantize_weight(stacked, quant_config, H=H), [W.shape[0] for W in weights])
+    return [quantize_weight(W.float(), quant_config, H=H) for W in weights]
+
+
+def init_layer(W: torch.Tensor, qw: QuantizedWeight, lora_config: LoRAConfig,
+               H: Optional[torch.Tensor], name: Optional[str] = None) -> LayerInit:
+    """LoRA factors of one layer whose quantized weight is known (a calibrated or SVD init), at the
+    layer's own rank (``lora_config.rank_pattern``) with the config's init options."""
+    t0 = time.perf_counter()
+    rank = lora_config.rank if name is None else lora_config.rank_for(name)
+    A, B = init_mod.init_lora(W.float(), qw, H, rank, method=lora_config.init.value,
+                              scaling=lora_config.scaling_for_rank(rank), **init_mod.init_options(lora_config))
+    return LayerInit(qw, A, B, init_s=time.perf_counter() - t0)
+
+
+def quantize_and_init(weights: Sequence[torch.Tensor], quant_config: QuantConfig, lora_config: LoRAConfig,
+                      H: Optional[torch.Tensor] = None, names: Optional[Sequence[str]] = None) -> List[LayerInit]:
+    """Quantize and initialise layers that share one ``H`` (or a single layer); ``names`` (qualified)
+    pick each layer's rank from ``lora_config.rank_pattern``."""
+    Hf = None if H is None else H.float()
+    names = list(names) if names is not None else [None] * len(weights)
+    if init_mod.get_init(lora_config.init).requantizes or lora_config.requant_rounds:
+        # LoftQ and joint re-quantization quantize inside their alternation: one layer at a time.
+        out = []
+        for W, name in zip(weights, names):
+            t = {}
+            qw, A, B = init_mod.initialize(W.float(), quant_config, lora_config, Hf, name=name, timings=t)
+            out.append(LayerInit(qw, A, B, quantize_s=t["quantize_s"], init_s=t["init_s"]))
+        return out
+    t0 = time.perf_counter()
+    qws = quantize_group(weights, quant_config, Hf)
+    rows = sum(W.shape[0] for W in weights)
+    t_q = time.perf_counter() - t0
+    out = []
+    for W, qw, name in zip(weights, qws, names):
+        li = init_layer(W, qw, lora_config, Hf, name)
+        li.quantize_s = t_q * W.shape[0] / rows  # a shared GPTQ is charged by rows
+        out.append(li)
+    return out
+
+
+def build_layer(module: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig,
+                H: Optional[torch.Tensor] = None, *, layer_cls, init: Optional[LayerInit] = None,
+                name: Optional[str] = None) -> nn.Module:
+    """A ``layer_cls`` (QuantLoRALinear) replacing the dense ``module``: quantized, LoRA
+    initialised (or from ``init`` when already computed), bias and dtype kept."""
+    if init is None:
+        (init,) = quantize_and_init([linear_weight(module)], quant_config, lora_config, H,
+                                    names=None if name is None else [name])
+    rank = init.A.shape[0]
+    if rank != lora_config.rank or lora_config.rank_pattern:  # the layer carries its own rank
+        lora_config = dataclasses.replace(lora_config, rank=rank, rank_pattern={})
+    return layer_cls.from_quantized(init.qw, init.A, init.B, lora_config, quant_config, bias=module.bias,
+                                    dtype=lora_dtype(module))
+
+
+# ---------------------------------------------------------------------------------------------
+# Swapping and freezing
+# ---------------------------------------------------------------------------------------------
+def replace_modules(model: nn.Module, replacements: Dict[str, nn.Module]) -> None:
+    """Swap each named submodule for its replacement, in place."""
+    for name, new in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+
+
+def mark_trainable(model: nn.Module) -> None:
+    """Freeze everything but the LoRA factors (PEFT's ``lora_`` prefix convention)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)

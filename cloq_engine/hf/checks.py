@@ -1,0 +1,199 @@
+"""Checks around :func:`prepare_model`: refuse bad input before any work, warn where the result
+cannot be trusted, and leave the caller's model as it was when preparation fails.
+
+:func:`guarded` wraps ``prepare_model``: it materialises ``calib`` once, runs the checks below,
+snapshots what preparation changes (the target modules, ``requires_grad``, train/eval modes and
+the attributes it sets) and puts it all back if anything raises, KeyboardInterrupt included.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
+from ..nn import QuantLoRALinear, linear_weight
+from .targets import find_targets, is_linear_like, output_embedding_names, replace_modules
+
+logger = logging.getLogger(__name__)
+
+_SET_BY_PREPARE = ("cloq_report", "cloq_config")
+
+
+# ---------------------------------------------------------------------------------------------
+# Before any work
+# ---------------------------------------------------------------------------------------------
+def check_not_prepared(model: nn.Module) -> None:
+    layers = [n for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)]
+    if layers:
+        raise ValueError(f"{type(model).__name__} is already prepared ({len(layers)} QuantLoRALinear layers, "
+                         f"e.g. {layers[0]!r}): load the full-precision model again to prepare it differently")
+
+
+def _input_ids(sample) -> Optional[torch.Tensor]:
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(sample, dict):
+        ids = sample.get("input_ids")
+        return ids if isinstance(ids, torch.Tensor) else None
+    if isinstance(sample, (list, tuple)) and all(isinstance(t, int) for t in sample):
+        return torch.tensor(sample)
+    return None
+
+
+def _tokens(sample, ids: torch.Tensor) -> int:
+    mask = sample.get("attention_mask") if isinstance(sample, dict) else None
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
+
+
+def _vocab_size(model: nn.Module) -> Optional[int]:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if isinstance(emb, nn.Embedding):
+        return emb.num_embeddings
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_calibration(model: nn.Module, calib: List) -> int:
+    """Refuse empty samples, token ids outside the vocabulary and samples longer than the model's
+    positions, naming the sample; returns the number of calibration tokens."""
+    vocab = _vocab_size(model)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    total = 0
+    for i, sample in enumerate(calib):
+        ids = _input_ids(sample)
+        if ids is None:
+            continue  # other model inputs (e.g. inputs_embeds): calib.py says what it accepts
+        if ids.numel() == 0:
+            raise ValueError(f"calibration sample {i} is empty (input_ids of shape {tuple(ids.shape)})")
+        if ids.is_floating_point():
+            raise ValueError(f"calibration sample {i}: input_ids must be integer token ids; got {ids.dtype}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if vocab is not None and (lo < 0 or hi >= vocab):
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"calibration sample {i} has token id {bad} outside the model's vocabulary "
+                             f"(vocab_size={vocab}): was it tokenized with this model's tokenizer?")
+        length = ids.shape[-1]
+        if isinstance(positions, int) and length > positions:
+            raise ValueError(f"calibration sample {i} has {length} tokens; the model's max_position_embeddings "
+                             f"is {positions}: use shorter samples")
+        total += _tokens(sample, ids)
+    return total
+
+
+def needs_calibration(quant_config: QuantConfig, lora_config: LoRAConfig) -> bool:
+    return quant_config.method == QuantMethod.GPTQ or lora_config.init in (InitMethod.CLOQ, InitMethod.QUAILORA)
+
+
+def underdetermined_layers(model: nn.Module, targets: List[str], tokens: int) -> Dict[str, int]:
+    """Targets whose in_features exceed the calibration tokens: their H = X^T X is singular, and
+    GPTQ/CLoQ fit the calibration data itself (the calibrated error reads ~0 and means nothing)."""
+    out = {}
+    for name in targets:
+        in_f = linear_weight(model.get_submodule(name)).shape[1]
+        if tokens < in_f:
+            out[name] = in_f
+    return out
+
+
+def untargeted_weights(model: nn.Module, targets: List[str], lora_config: LoRAConfig) -> List[str]:
+    """Weight matrices preparation leaves in full precision that are not plain leftovers: stacked
+    (3-D) tensors such as mixture-of-experts weights, and 2-D weights of modules that are neither
+    linear layers, embeddings nor normalisations (custom projections)."""
+    target_set = set(targets)
+    heads = set(output_embedding_names(model))
+    left = []
+    for mod_name, module in model.named_modules():
+        if mod_name in target_set or mod_name in heads or is_linear_like(module):
+            continue  # linear layers left out were left out by `target_modules` / `exclude`
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm)) or "norm" in type(module).__name__.lower():
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            if p.dim() >= 3 or (p.dim() == 2 and min(p.shape) > 1 and "embed" not in p_name):
+                left.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return left
+
+
+def warn_untargeted(model: nn.Module, targets: List[str], lora_config: LoRAConfig) -> List[str]:
+    left = untargeted_weights(model, targets, lora_config)
+    if left:
+        params = dict(model.named_parameters())
+        n_left = sum(params[n].numel() for n in left if n in params)
+        n_all = sum(p.numel() for p in model.parameters())
+        logger.warning("%d weight tensor(s) holding %.0f%% of the parameters stay in FULL PRECISION: cloq quantizes "
+                       "nn.Linear / Conv1D layers only (mixture-of-experts weights stored as 3-D tensors are not "
+                       "quantized), e.g. %s", len(left), 100 * n_left / max(n_all, 1), ", ".join(left[:4]))
+    return left
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore on failure
+# ---------------------------------------------------------------------------------------------
+class _Snapshot:
+    """What prepare_model changes on the caller's model, to put back after a failure."""
+
+    def __init__(self, model: nn.Module, targets: List[str]):
+        self.model = model
+        self.modules = {n: model.get_submodule(n) for n in targets}
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.training = [(m, m.training) for m in model.modules()]
+        self.attrs = {a: model.__dict__[a] for a in _SET_BY_PREPARE if a in model.__dict__}
+        config = getattr(model, "config", None)
+        self.config = config
+        self.quantization_config = getattr(config, "quantization_config", None) if config is not None else None
+        self.had_quantization_config = config is not None and hasattr(config, "quantization_config")
+
+    def restore(self) -> None:
+        replace_modules(self.model, self.modules)
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        for m, flag in self.training:
+            m.training = flag
+        for a in _SET_BY_PREPARE:
+            self.model.__dict__.pop(a, None)
+        self.model.__dict__.update(self.attrs)
+        if self.config is not None:
+            if self.had_quantization_config:
+                self.config.quantization_config = self.quantization_config
+            elif hasattr(self.config, "quantization_config"):
+                delattr(self.config, "quantization_config")
+
+
+def guarded(prepare):
+    """Decorate ``prepare_model``: checks before any work, the caller's model restored on failure."""
+
+    @functools.wraps(prepare)
+    def wrapper(model, quant_config, lora_config, calib=None, *args, **kwargs):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
+        check_not_prepared(model)
+        if not isinstance(lora_config, LoRAConfig):
+            return prepare(model, quant_config, lora_config, calib, *args, **kwargs)  # prepare_model says why
+        targets = find_targets(model, lora_config)
+        calib = None if calib is None else list(calib)
+        tokens = check_calibration(model, calib) if calib else 0
+        thin = {}
+        if calib and isinstance(quant_config, QuantConfig) and needs_calibration(quant_config, lora_config):
+            thin = underdetermined_layers(model, targets, tokens)
+            if thin:
+                worst = max(thin.values())
+                logger.warning("calibration has %d tokens, fewer than in_features of %d layer(s) (up to %d, e.g. %r): "
+                               "H is singular there and the calibrated errors fit the calibration data itself; "
+                               "use at least %d tokens (more samples or longer ones)",
+                               tokens, len(thin), worst, next(iter(thin)), worst)
+        untargeted = warn_untargeted(model, targets, lora_config)
+        snapshot = _Snapshot(model, targets)
+        try:
+            out = prepare(model, quant_config, lora_config, calib, *args, **kwargs)
+        except BaseException:
+            snapshot.restore()
+            raise
+        report = getattr(out, "cloq_report", None)
+        if report is not None:
+            report.calib_tokens, report.underdetermined, report.full_precision = tokens, thin, untargeted
+        return out
+
+    return wrapper

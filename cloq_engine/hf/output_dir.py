@@ -1,0 +1,263 @@
+"""Writing output directories without ever losing a user's files.
+
+* :func:`check_output_dir` runs before any work: it refuses an output that is, holds or lies
+  inside an input (the model it is made from, the working directory), a non-empty directory that
+  is not a previous output of ours, a previous output unless ``overwrite``, and a parent where
+  nothing can be created.
+* :func:`staging_dir` + :func:`replace_dir` write the new directory next to the target and swap
+  it in. On Linux the swap is one ``renameat2(RENAME_EXCHANGE)``: the target always holds a
+  complete checkpoint. Elsewhere it is two renames, and a run killed between them is recovered
+  by :func:`recover_interrupted` on the next save or load.
+* Staging directories are named ``.<target>.tmp-<hex>`` / ``.<target>.old-<hex>`` and hold a
+  marker file with the writer's pid; leftovers of dead writers are removed on the next run.
+  Nothing else is ever deleted.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from typing import Callable, Iterable
+
+logger = logging.getLogger(__name__)
+
+MARKER = ".cloq-staging"  # inside every staging directory: the pid of the process writing it
+
+
+# ---------------------------------------------------------------------------------------------
+# What a directory is
+# ---------------------------------------------------------------------------------------------
+def is_cloq_checkpoint(path: str) -> bool:
+    """True when ``path/config.json`` records ``quantization_config.quant_method == "cloq"``."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            record = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(record, dict) and record.get("quant_method") == "cloq"
+
+
+def is_cloq_adapter(path: str) -> bool:
+    """True for a PEFT adapter directory written by :func:`cloq_engine.export_peft_adapter`
+    (its weights' metadata records ``cloq_quant``)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.path.join(path, "adapter_model.safetensors"), framework="pt") as f:
+            return "cloq_quant" in (f.metadata() or {})
+    except (OSError, SafetensorError):
+        return False
+
+
+def _is_within(inner: str, outer: str) -> bool:
+    """True when ``inner`` is ``outer`` or lies below it (both absolute, symlinks resolved)."""
+    return os.path.commonpath([inner, outer]) == outer
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_dir(path, overwrite: bool = False, inputs: Iterable[str] = (),
+                     recognise: Callable[[str], bool] = is_cloq_checkpoint, what: str = "cloq checkpoint",
+                     flag: str = "overwrite=True") -> str:
+    """Refuse an output directory that would destroy something; returns its absolute path.
+
+    Args:
+        path: the directory to write.
+        overwrite: allow replacing a previous output (one ``recognise`` accepts).
+        inputs: directories the output must neither be, hold nor lie inside (the source model).
+            The working directory is always protected from being replaced.
+        recognise: tells a previous output of ours from anything else.
+        what: the name of such an output, for messages.
+        flag: how the caller spells "overwrite", for messages (``--overwrite`` in the CLI).
+    """
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise ValueError("output directory '' is empty: name a new directory")
+    target = os.path.realpath(text)
+    cwd = os.path.realpath(os.getcwd())
+    if _is_within(cwd, target):
+        raise ValueError(f"output directory {text!r} is or contains the working directory {cwd!r}: "
+                         "writing it would replace the files there; name a new directory")
+    for src in inputs:
+        if not src:
+            continue
+        src = os.path.realpath(os.fspath(src))
+        if _is_within(src, target) or _is_within(target, src):
+            raise ValueError(f"output directory {text!r} is, holds or lies inside the input {src!r}: "
+                             "name a directory outside it")
+    recover_interrupted(target, recognise)
+    if os.path.lexists(target):
+        if not os.path.isdir(target):
+            raise ValueError(f"output directory {text!r} exists and is not a directory")
+        if os.listdir(target):
+            if not recognise(target):
+                raise ValueError(f"output directory {text!r} is not empty and is not a {what}: "
+                                 "refusing to replace it; name a new or empty directory")
+            if not overwrite:
+                raise ValueError(f"output directory {text!r} holds a {what}: pass {flag} to replace it")
+    _check_writable_parent(target, text)
+    return target
+
+
+def _check_writable_parent(target: str, text: str) -> None:
+    """Create (and remove) a probe directory where the output will be staged: the real test,
+    which also catches read-only file systems (os.access does not, for root)."""
+    parent = _nearest_existing(os.path.dirname(target))
+    if not os.path.isdir(parent):
+        raise ValueError(f"output directory {text!r}: {parent!r} is not a directory")
+    probe = os.path.join(parent, f".cloq-probe-{secrets.token_hex(4)}")
+    try:
+        os.mkdir(probe)
+    except OSError as e:
+        raise ValueError(f"output directory {text!r}: cannot create anything in {parent!r} "
+                         f"({e.strerror})") from None
+    os.rmdir(probe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging and swapping
+# ---------------------------------------------------------------------------------------------
+def _leftover_pattern(target: str) -> "re.Pattern":
+    return re.compile(r"\." + re.escape(os.path.basename(target)) + r"\.(tmp|old)-[A-Za-z0-9_]{8}")
+
+
+def _writer_alive(path: str) -> bool:
+    try:
+        with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return pid == os.getpid()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(target: str, recognise: Callable[[str], bool] = is_cloq_checkpoint) -> None:
+    """Undo what a killed save left next to ``target``: when ``target`` is missing, move the
+    previous output back from its ``.old-*`` directory; then remove the staging directories of
+    writers that are no longer running."""
+    parent = os.path.dirname(target)
+    pattern = _leftover_pattern(target)
+    try:
+        names = sorted(n for n in os.listdir(parent) if pattern.fullmatch(n))
+    except OSError:
+        return
+    leftovers = [os.path.join(parent, n) for n in names if os.path.isdir(os.path.join(parent, n))]
+    leftovers = [p for p in leftovers if not _writer_alive(p)]
+    if not os.path.lexists(target):
+        old = [p for p in leftovers if ".old-" in os.path.basename(p) and recognise(p)]
+        if old:
+            os.replace(old[-1], target)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(target, MARKER))
+            logger.warning("restored %s from an interrupted save (%s)", target, os.path.basename(old[-1]))
+            leftovers.remove(old[-1])
+    for p in leftovers:
+        logger.warning("removing %s, left by an interrupted save", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _new_sibling(target: str, kind: str) -> str:
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{kind}-{secrets.token_hex(4)}")
+
+
+@contextlib.contextmanager
+def staging_dir(target: str):
+    """A fresh directory next to ``target`` (normal permissions, marked with our pid); removed
+    unless it was moved into place."""
+    target = os.path.abspath(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = _new_sibling(target, "tmp")
+    os.mkdir(tmp)  # mode 0o777 & ~umask, as any directory the user makes
+    try:
+        with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+            f.write(str(os.getpid()))
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Move the finished staging directory ``src`` to ``dst``, replacing a previous ``dst``
+    (checked by :func:`check_output_dir`) only once ``src`` is complete."""
+    os.remove(os.path.join(src, MARKER))  # from here a leftover ``src`` is a dead writer's
+    if not os.path.lexists(dst):
+        os.replace(src, dst)
+        return
+    if _exchange(src, dst):  # src now holds the previous output
+        shutil.rmtree(src, ignore_errors=True)
+        return
+    # Two renames: a kill between them leaves ``.old-*``, which recover_interrupted moves back.
+    old = _new_sibling(dst, "old")
+    os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _normal_permissions(root: str) -> None:
+    """Files as any program writes them (safetensors writes 0600)."""
+    mode = 0o666 & ~_umask()
+    for folder, _, files in os.walk(root):
+        for name in files:
+            os.chmod(os.path.join(folder, name), mode)
+
+
+def write_dir_atomically(target: str, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp)`` into a staging directory next to ``target``, then swap it in."""
+    with staging_dir(target) as tmp:
+        write(tmp)
+        _normal_permissions(tmp)
+        replace_dir(tmp, target)
+
+
+__all__ = ["check_output_dir", "recover_interrupted", "staging_dir", "replace_dir", "write_dir_atomically",
+           "is_cloq_checkpoint", "is_cloq_adapter"]

@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end at tiny shapes on the CPU (``--smoke``), so a GPU session
+can trust them to run in one call."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_smoke_writes_a_row_per_variant(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLOQ_BACKEND", "torch")  # the smoke run sets it; restored after the test
+    out = tmp_path / "train.json"
+    assert _load("train").main(["--smoke", "--layers", "1", "--variants", "w2,nf4,peft", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["w2", "nf4", "peft"]
+    assert all(r["trainable_params"] == rows[0]["trainable_params"] > 0 for r in rows)  # same LoRA everywhere
+    assert all(r["loss"] == r["loss"] and r["median_step_ms"] > 0 for r in rows)
+    assert "median ms" in capsys.readouterr().out
+
+
+def test_train_without_a_gpu_says_so_and_succeeds(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _load("train").main(["--variants", "w4"]) == 0
+    assert "no GPU" in capsys.readouterr().out
+
+
+def test_kernels_smoke_runs_every_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLOQ_BACKEND", "triton")  # the smoke run sets both; restored after the test
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "kernels.json"
+    assert _load("kernels").main(["--smoke", "--bits", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    seen = {(r["op"], r["variant"], r["m"]) for r in rows}
+    assert {("fwd", "gemv", 1), ("fwd", "fused", 40), ("fwd", "dequant_mm:concat", 40), ("fwd", "dequant_mm:addmm", 1),
+            ("fwd", "dense", 40), ("step", "auto", 40), ("step", "dense", 40)} <= seen
+    assert "CLOQ_TRITON_PATH" not in __import__("os").environ
