@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="every init method at every bit width: table, JSON and PNG plot")
     _add_quant_args(p, bits_multi=True)
-    p.add_argument("--inits", nargs="+", choices=("zero", "loftq", "quailora", "cloq"),
-                   default=["zero", "loftq", "quailora", "cloq"])
+    p.add_argument("--inits", nargs="+", choices=("zero", "loftq", "quailora", "cloq", "cloq+requant", "cloq+ranks"),
+                   default=["zero", "loftq", "quailora", "cloq", "cloq+requant", "cloq+ranks"],
+                   help="cloq+requant: joint re-quantization (3 rounds); cloq+ranks: per-layer ranks, same parameters")
     p.add_argument("--eval-samples", type=_positive_int, default=256)
     p.add_argument("--out", default="results/compare", help="directory for compare.json and compare.png")
 

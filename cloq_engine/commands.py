@@ -264,6 +264,18 @@ def cmd_eval(args) -> int:
 
 
 # -- compare ----------------------------------------------------------------------------------------
+def _compare_lora_config(args, init: str, qc: QuantConfig, base, calib) -> LoRAConfig:
+    """The LoRAConfig of one compare row; "cloq+requant" and "cloq+ranks" are CLoQ variants."""
+    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init.split("+")[0])
+    if init == "cloq+requant":
+        return LoRAConfig.from_dict({**lc.to_dict(), "requant_rounds": 3})
+    if init == "cloq+ranks":
+        from .rank_plan import plan_ranks
+
+        return LoRAConfig.from_dict({**lc.to_dict(), "rank_pattern": plan_ranks(copy.deepcopy(base), qc, lc, calib)})
+    return lc
+
+
 def cmd_compare(args) -> int:
     from .hf import prepare_model
 
@@ -277,8 +289,8 @@ def cmd_compare(args) -> int:
             # LoftQ is an uncalibrated method: it alternates with its own RTN quantizer (as in its paper)
             method = "rtn" if init == "loftq" and args.quantizer == "gptq" else args.quantizer
             qc = QuantConfig(bits=bits, group_size=args.group_size, method=method)
-            lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init)
             t0 = time.perf_counter()
+            lc = _compare_lora_config(args, init, qc, base, calib)
             model = prepare_model(copy.deepcopy(base), qc, lc, calib=calib, progress=not args.no_progress)
             rep = model.cloq_report
             score = ev.score(model)
