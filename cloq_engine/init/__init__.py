@@ -70,6 +70,26 @@ def _check_H(H, in_features: int) -> None:
         raise ValueError("`H` is not symmetric; it must be a Gram matrix X^T X")
     if float(torch.diagonal(Hf).sum()) <= 0:
         raise ValueError("`H` is zero (no calibration activations reached this layer)")
+    _check_psd(Hf)
+
+
+def _check_psd(H: torch.Tensor, rtol: float = 1e-4) -> None:
+    """Cheap necessary conditions of a Gram matrix X^T X, O(in²): a non-negative diagonal and
+    |H_ij| <= sqrt(H_ii·H_jj) (Cauchy-Schwarz). Damping would otherwise "fix" an indefinite H
+    and return factors for a meaningless objective."""
+    d = torch.diagonal(H)
+    scale = float(d.max())
+    if float(d.min()) < -rtol * scale:
+        i = int(d.argmin())
+        raise ValueError(f"`H` is not positive semi-definite: H[{i}, {i}] = {float(d[i]):.4g} < 0 "
+                         "(it must be a Gram matrix X^T X)")
+    dc = d.clamp(min=0)
+    excess = H.abs() - torch.sqrt(torch.outer(dc, dc))
+    if float(excess.max()) > rtol * scale:
+        i, j = divmod(int(excess.argmax()), H.shape[1])
+        raise ValueError(f"`H` is not positive semi-definite: |H[{i}, {j}]| = {float(H[i, j].abs()):.4g} exceeds "
+                         f"sqrt(H[{i}, {i}]·H[{j}, {j}]) = {float(torch.sqrt(dc[i] * dc[j])):.4g} "
+                         "(it must be a Gram matrix X^T X)")
 
 
 def _check_opts(spec: InitSpec, opts: dict) -> torch.dtype:

@@ -188,3 +188,18 @@ def test_exactly_representable_weight_gives_zero_factors(method):
     A, B = ce.init_lora(qw.dequantize(), qw, H, 4, method=method)
     assert torch.isfinite(A).all() and torch.isfinite(B).all()
     assert float((B @ A).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("method", ["cloq", "quailora"])
+def test_indefinite_H_is_refused_as_not_positive_semidefinite(method):
+    W, H = _layer()
+    qw = ce.quantize_weight(W, RTN2)
+    flipped = H.clone()
+    flipped[3, 3] = -flipped[3, 3]  # a negative "energy": no X gives it
+    with pytest.raises(ValueError, match=r"not positive semi-definite: H\[3, 3\]"):
+        ce.init_lora(W, qw, flipped, 4, method=method)
+    coupled = H.clone()
+    coupled[2, 5] = coupled[5, 2] = 2 * torch.sqrt(H[2, 2] * H[5, 5])  # |H_ij| > sqrt(H_ii H_jj)
+    with pytest.raises(ValueError, match=r"not positive semi-definite: \|H\[(2, 5|5, 2)\]\|"):
+        ce.init_lora(W, qw, coupled, 4, method=method)
+    ce.init_lora(W, qw, H, 4, method=method)  # the real Gram matrix passes
