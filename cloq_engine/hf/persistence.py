@@ -402,6 +402,9 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
     with parameters_on_meta():
         model = build(config, dtype=dtype) if dtype is not None else build(config)
     swap_in_empty_layers(model, qc, lc, targets, dtype)
+    for t in targets:  # a GPTQ act-order import carries an input permutation (None otherwise)
+        if f"{t}.perm" in state:
+            model.get_submodule(t).perm = torch.empty_like(state[f"{t}.perm"], device="meta")
     aliases = {**_declared_ties(model, state), **aliases}
     packed = {f"{t}.{b}" for t in targets for b in QUANT_BUFFERS}
     _check_state(model, state, aliases, weights, packed)

@@ -370,3 +370,15 @@ print(lazy, type(m.get_submodule({model_targets(llama_checkpoint)!r})).__name__)
 
 def model_targets(checkpoint):
     return checkpoint[0].cloq_config["targets"][0]
+
+
+def test_act_order_permutation_round_trips(tmp_path):
+    """A layer holding an input permutation (a GPTQ act-order import) saves and loads with it."""
+    model = copy.deepcopy(prepared("llama"))
+    layer = next(m for m in model.modules() if isinstance(m, QuantLoRALinear))
+    layer.perm = torch.randperm(layer.in_features, generator=torch.Generator().manual_seed(0))
+    path = ce.save_pretrained(model, tmp_path / "ck")
+    loaded = ce.load_pretrained(path)
+    twin = next(m for m in loaded.modules() if isinstance(m, QuantLoRALinear))
+    assert torch.equal(twin.perm, layer.perm)
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
