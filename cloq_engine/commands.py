@@ -157,9 +157,7 @@ def cmd_prepare(args) -> int:
     out = _check_out(args.out, args.overwrite, [model_path] + ([from_gptq] if from_gptq else []))
     _check_seq_len(args.seq_len)
     if from_gptq:
-        from .export import cmd_prepare_from_gptq
-
-        return cmd_prepare_from_gptq(args)
+        return _prepare_from_gptq(args)
     if getattr(args, "resume", False):
         return _prepare_streaming(args, model_path, t0)
     model, tok = data.load_model(model_path)
@@ -212,9 +210,40 @@ def _prepare_streaming(args, model_path: str, t0: float) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import cmd_export as run
+    """``cloq export CHECKPOINT --format gptq|merged --out DIR [--checkpoint-format gptq|gptq_v2]``."""
+    from .export import export_gptq, export_merged
 
-    return run(args)
+    model, tok, _ = _load_checkpoint(args.checkpoint)
+    out = args.out or f"{args.checkpoint.rstrip('/')}-{args.format}"
+    if args.format == "gptq":
+        export_gptq(model, out, checkpoint_format=args.checkpoint_format, tokenizer=tok)
+    else:
+        export_merged(model, out, tokenizer=tok)
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
+def _prepare_from_gptq(args) -> int:
+    """``cloq prepare --from-gptq DIR --model ORIG --out OUT``: keep DIR's Q, calibrated init against ORIG."""
+    from .config import LoRAConfig
+    from .export import prepare_from_gptq
+    from .hf.persistence import save_pretrained
+    from .hf.quantizer import attach_quantization_config
+
+    if not args.model:
+        raise CLIError("--from-gptq needs --model: the original full-precision model the checkpoint came from")
+    t0 = time.perf_counter()
+    model, tok = data.load_model(args.model)
+    fields = {k: v for k, v in _init_fields(args).items() if k != "requant_rounds"}  # Q is kept
+    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=args.init, **fields)
+    calib = _calibration(args, tok, model.config) if lc.init.value in ("cloq", "quailora") else None
+    prepare_from_gptq(model, args.from_gptq, lc, calib=calib, progress=not args.no_progress)
+    model.cloq_config["base_model"] = os.path.abspath(args.model)
+    attach_quantization_config(model)
+    save_pretrained(model, args.out, tokenizer=tok, overwrite=args.overwrite)
+    print(f"kept the Q of {len(model.cloq_config['targets'])} GPTQ layers from {args.from_gptq}; "
+          f"init={lc.init.value} rank={lc.rank}; wrote {args.out} in {time.perf_counter() - t0:.1f}s")
+    return 0
 
 
 # -- eval -------------------------------------------------------------------------------------------

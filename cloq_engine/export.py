@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Dict, Iterable, Optional
 
 import torch
 from torch import nn
 
 from . import gptq_format
+from .hf.output_dir import check_output_dir, write_dir_atomically
 from .config import LoRAConfig, QuantConfig, QuantMethod
 from .formats import QuantizedWeight
 from .nn import QuantLoRALinear, linear_weight
@@ -155,19 +155,23 @@ def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "gptq",
     gcfg = gptq_format.GPTQCheckpointConfig(
         bits=first.bits, group_size=first.group_size, desc_act=any(m.perm is not None for m in layers.values()),
         sym=bool(first.quant_config.sym), checkpoint_format=checkpoint_format)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "quantize_config.json"), "w") as f:
-        json.dump(gcfg.to_json(), f, indent=2)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        d = config.to_dict()
-        d["quantization_config"] = gcfg.to_json()
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(d, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    export_peft_adapter(model, os.path.join(out_dir, ADAPTER_DIR))
+    target = _safe_target(model, out_dir)
+
+    def write(tmp: str) -> None:
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "quantize_config.json"), "w") as f:
+            json.dump(gcfg.to_json(), f, indent=2)
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            d = config.to_dict()
+            d["quantization_config"] = gcfg.to_json()
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(d, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        export_peft_adapter(model, os.path.join(tmp, ADAPTER_DIR))
+
+    write_dir_atomically(target, write)
     logger.info("exported %d GPTQ layers (%d-bit, %s) and the adapter to %s", len(layers), gcfg.bits,
                 checkpoint_format, out_dir)
     return out_dir
@@ -177,46 +181,22 @@ def export_merged(model: nn.Module, out_dir: str, tokenizer=None, dtype: Optiona
     """The dense model with the adapter merged in (``merge_and_unload``), saved with ``save_pretrained``."""
     from .hf.merge import merge_and_unload
 
+    target = _safe_target(model, out_dir)
     dense = merge_and_unload(model, dtype=dtype)
-    dense.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+
+    def write(tmp: str) -> None:
+        dense.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    write_dir_atomically(target, write)
     return out_dir
 
 
-# ---- commands -----------------------------------------------------------------------------------
-def cmd_export(args) -> int:
-    """``cloq export CHECKPOINT --format gptq|merged --out DIR [--checkpoint-format gptq|gptq_v2]``."""
-    from .commands import _load_checkpoint
+def _safe_target(model: nn.Module, out_dir: str) -> str:
+    """Exports go to a new or empty directory (never the source checkpoint, the working directory or
+    a directory holding anything else); written next to it and swapped in atomically."""
+    from .hf.persistence import protected_inputs
 
-    model, tok, _ = _load_checkpoint(args.checkpoint)
-    out = args.out or f"{args.checkpoint.rstrip('/')}-{args.format}"
-    if args.format == "gptq":
-        export_gptq(model, out, checkpoint_format=args.checkpoint_format, tokenizer=tok)
-    else:
-        export_merged(model, out, tokenizer=tok)
-    print(f"wrote {out} ({args.format})")
-    return 0
+    return check_output_dir(out_dir, overwrite=False, inputs=protected_inputs(model))
 
-
-def cmd_prepare_from_gptq(args) -> int:
-    """``cloq prepare --from-gptq DIR --model ORIG --out OUT``: keep DIR's Q, calibrated init against ORIG."""
-    from . import data
-    from .commands import _calibration, _init_fields
-    from .hf.persistence import save_pretrained
-    from .hf.quantizer import attach_quantization_config
-
-    if not args.model:
-        raise ValueError("--from-gptq needs --model: the original full-precision model the checkpoint came from")
-    t0 = time.perf_counter()
-    model, tok = data.load_model(args.model)
-    fields = {k: v for k, v in _init_fields(args).items() if k != "requant_rounds"}  # Q is kept
-    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=args.init, **fields)
-    calib = _calibration(args, tok) if lc.init.value in ("cloq", "quailora") else None
-    prepare_from_gptq(model, args.from_gptq, lc, calib=calib, progress=not args.no_progress)
-    model.cloq_config["base_model"] = os.path.abspath(args.model)
-    attach_quantization_config(model)
-    save_pretrained(model, args.out, tokenizer=tok, overwrite=getattr(args, "overwrite", False))
-    print(f"kept the Q of {len(model.cloq_config['targets'])} GPTQ layers from {args.from_gptq}; "
-          f"init={lc.init.value} rank={lc.rank}; wrote {args.out} in {time.perf_counter() - t0:.1f}s")
-    return 0

@@ -68,3 +68,17 @@ def test_prepare_from_gptq_rejects_a_model_without_the_layers(tmp_path):
     export.export_gptq(src, str(tmp_path / "gptq"), checkpoint_format="gptq_v2")
     with pytest.raises(ValueError, match="original"):
         export.prepare_from_gptq(tiny_model("bert"), str(tmp_path / "gptq"), ce.LoRAConfig(rank=4, init="zero"))
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "merged"])
+def test_export_refuses_a_directory_holding_other_files_and_keeps_them(tmp_path, fmt):
+    model = _prepared(bits=4)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    run = (lambda: export.export_gptq(model, str(out), checkpoint_format="gptq_v2")) if fmt == "gptq" \
+        else (lambda: export.export_merged(model, str(out)))
+    with pytest.raises(ValueError, match="not empty|not a cloq"):
+        run()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
