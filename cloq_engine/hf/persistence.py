@@ -198,18 +198,24 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite:
 
     def write(tmp: str) -> None:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(config_dict, f, indent=2, sort_keys=True)
-            f.write("\n")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and hasattr(gen, "save_pretrained"):
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_side_files(tmp, model, config_dict, tokenizer)
 
     write_dir_atomically(target, write)
     logger.info("saved %d tensors (%d tied) to %s", len(state), len(aliases), target)
     return target
+
+
+def write_side_files(directory: str, model: nn.Module, config_dict: dict, tokenizer=None) -> None:
+    """Everything of a checkpoint but its weights: ``config.json``, the generation config when the
+    model has one, the tokenizer's files when given (shared by the in-memory and streaming writers)."""
+    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config_dict, f, indent=2, sort_keys=True)
+        f.write("\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(gen, "save_pretrained"):
+        gen.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 # ---------------------------------------------------------------------------------------------

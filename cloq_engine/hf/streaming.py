@@ -37,8 +37,9 @@ from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
 from ..convert import mark_trainable, replace_modules
 from .output_dir import write_dir_atomically
-from .persistence import (ALIASES_KEY, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _hf_config_dict, _same_view,
-                          _storage_key, empty_quant_layer, model_class_for, quantization_record, tensor_checksum)
+from .persistence import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, _hf_config_dict, _same_view,
+                          _storage_key, empty_quant_layer, model_class_for, quantization_record, tensor_checksum,
+                          write_side_files)
 from .prepare import (REPORT_MODES, LayerBuilder, PrepareReport, check_layers, finish, needs_calibration,
                       run_sequential)
 from .targets import find_targets
@@ -332,14 +333,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
 
     def write(tmp: str) -> None:
         write_safetensors_streaming(sources, state, os.path.join(tmp, WEIGHTS_NAME), metadata)
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(_hf_config_dict(model, record), f, indent=2, sort_keys=True)
-            f.write("\n")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and hasattr(gen, "save_pretrained"):
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_side_files(tmp, model, _hf_config_dict(model, record), tokenizer)
 
     write_dir_atomically(out, write)
     shutil.rmtree(partial, ignore_errors=True)
