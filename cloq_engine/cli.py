@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a prepared checkpoint: GPTQ base + PEFT adapter, or merged dense")
     p.add_argument("checkpoint", type=_existing_dir)
     p.add_argument("--format", choices=("gptq", "merged"), default="gptq")
-    p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
-                   help="GPTQ v1 (AutoGPTQ/vLLM, stores zero-1) or v2 (GPTQModel, exact zeros)")
+    p.add_argument("--checkpoint-format", choices=("auto", "gptq", "gptq_v2"), default="auto",
+                   help="GPTQ v1 (AutoGPTQ/vLLM, stores zero-1) or v2 (GPTQModel, exact zeros); "
+                        "auto (default): v1 when the zeros fit it, else v2")
     p.add_argument("--out", default=None, help="directory to write (default: <checkpoint>-<format>)")
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")

@@ -131,12 +131,26 @@ def gptq_state_dict(model: nn.Module, checkpoint_format: str = "gptq") -> Dict[s
     return state
 
 
-def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "gptq", tokenizer=None) -> str:
+def resolve_checkpoint_format(model: nn.Module, checkpoint_format: str = "auto") -> str:
+    """"auto": v1 ("gptq", the widest-read layout) when every layer's zeros fit it, else "gptq_v2"."""
+    if checkpoint_format != "auto":
+        return checkpoint_format
+    misfits = [n for n, m in _quant_layers(model).items() if not gptq_format.fits_v1(m.quantized_weight)]
+    if not misfits:
+        return "gptq"
+    logger.warning("%d layer(s) (first: %s) have zero points of 0 or 2^bits+1, which GPTQ v1 cannot store "
+                   "(it keeps zero - 1); writing checkpoint_format='gptq_v2' (GPTQModel; vLLM reads v1 only)",
+                   len(misfits), misfits[0])
+    return "gptq_v2"
+
+
+def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "auto", tokenizer=None) -> str:
     """Write ``model``'s quantized base in the GPTQ layout and its LoRA factors as a PEFT adapter.
 
     ``out_dir/model.safetensors``, ``config.json`` (``quantization_config``: quant_method "gptq"),
     ``quantize_config.json``; ``out_dir/adapter/`` the PEFT adapter. Format "gptq" (v1) is what
-    AutoGPTQ, transformers/optimum and vLLM read; "gptq_v2" (GPTQModel) stores exact zeros.
+    AutoGPTQ, transformers/optimum and vLLM read; "gptq_v2" (GPTQModel) stores exact zeros; "auto"
+    (default) writes v1 when the zeros fit it and v2 otherwise.
     """
     from safetensors.torch import save_file
 
@@ -151,6 +165,7 @@ def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "gptq",
         raise ValueError(f"GPTQ checkpoints hold one bits/group_size for all layers; this model mixes {sorted(bits_set)}")
     if first.method == QuantMethod.NF4.value:
         raise ValueError("NF4 weights have no GPTQ layout; prepare with --quantizer gptq or rtn")
+    checkpoint_format = resolve_checkpoint_format(model, checkpoint_format)
     state = gptq_state_dict(model, checkpoint_format)
     gcfg = gptq_format.GPTQCheckpointConfig(
         bits=first.bits, group_size=first.group_size, desc_act=any(m.perm is not None for m in layers.values()),

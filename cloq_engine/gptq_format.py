@@ -121,6 +121,13 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     )
 
 
+def fits_v1(qw: QuantizedWeight) -> bool:
+    """Whether v1 can store ``qw``'s zeros: v1 keeps zero - 1 in ``bits`` bits, so a zero of 0 (common
+    for asymmetric 2-bit groups) cannot be written; GPTQModel's v2 stores the zero itself."""
+    z = qw.zeros.float()
+    return bool((z == z.round()).all()) and int(z.min()) >= 1 and int(z.max()) <= 1 << qw.bits
+
+
 def to_gptq(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> Dict[str, torch.Tensor]:
     """``{"qweight", "qzeros", "scales", "g_idx"}`` tensors for ``qw`` in the GPTQ layout."""
     _check_format(checkpoint_format)

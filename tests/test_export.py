@@ -82,3 +82,55 @@ def test_export_refuses_a_directory_holding_other_files_and_keeps_them(tmp_path,
         run()
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_export_auto_format_writes_v1_when_the_zeros_fit_it_and_v2_otherwise(tmp_path, sym):
+    model = tiny_model("llama")
+    with torch.no_grad():  # an all-positive layer: its asymmetric groups have min >= 0, so zero 0
+        model.model.layers[0].mlp.up_proj.weight.abs_()
+    ce.prepare_model(model, ce.QuantConfig(bits=2, group_size=32, method="rtn", sym=sym),
+                     ce.LoRAConfig(rank=4, init="zero"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
+    fits = all(gptq_format.fits_v1(m.quantized_weight) for m in layers.values())
+    assert fits == sym  # symmetric zeros sit at 2^(bits-1)
+    out = export.export_gptq(model, str(tmp_path / "gptq"))
+    assert json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())["checkpoint_format"] == \
+        ("gptq" if sym else "gptq_v2")
+    weights = gptq_format.load_gptq_weights(out)
+    for name, layer in layers.items():
+        assert torch.equal(weights[name].dequantize(), layer.quantized_weight.dequantize()), name
+    if not sym:
+        with pytest.raises(ValueError, match="gptq_v2"):
+            export.export_gptq(model, str(tmp_path / "v1"), checkpoint_format="gptq")
+
+
+def test_cli_prepare_export_and_prepare_from_gptq_end_to_end(tmp_path):
+    """`cloq prepare` -> `cloq export --format gptq` -> `cloq prepare --from-gptq` on a model directory:
+    the imported checkpoint keeps the exported Q bit for bit and gets a calibrated (non-zero) adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from cloq_engine import cli, data
+
+    tok = AutoTokenizer.from_pretrained(data.minilm_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    small = ["--bits", "2", "--group-size", "32", "--rank", "4", "--samples", "4", "--seq-len", "32", "--no-progress"]
+    assert cli.main(["prepare", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "ck"), *small]) == 0
+    assert cli.main(["export", str(tmp_path / "ck"), "--format", "gptq", "--out", str(tmp_path / "gq")]) == 0
+    assert (tmp_path / "gq" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "gq" / "tokenizer_config.json").is_file()
+    assert cli.main(["prepare", "--from-gptq", str(tmp_path / "gq"), "--model", str(tmp_path / "m"),
+                     "--out", str(tmp_path / "re"), *small]) == 0
+    exported = gptq_format.load_gptq_weights(str(tmp_path / "gq"))
+    model = ce.load_pretrained(tmp_path / "re")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
+    assert set(layers) == set(exported) and len(layers) == 14
+    for name, layer in layers.items():
+        assert torch.equal(layer.quantized_weight.dequantize(), exported[name].dequantize()), name
+    assert any(float(m.lora_B.detach().abs().sum()) > 0 for m in layers.values())
+    assert cli.main(["export", str(tmp_path / "re"), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
