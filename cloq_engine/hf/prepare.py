@@ -122,7 +122,7 @@ class LayerBuilder:
         if self.report_mode != "off":
             W = W.float()
             Q = init.qw.dequantize().to(W.device)
-            BA = self.lora_config.scaling * (init.B.float() @ init.A.float())
+            BA = self.lora_config.scaling_for_rank(init.A.shape[0]) * (init.B.float() @ init.A.float())
             M = W - Q
             if self.report_mode == "sampled" and W.shape[0] > REPORT_ROWS:
                 rows = torch.linspace(0, W.shape[0] - 1, REPORT_ROWS, device=W.device).long()

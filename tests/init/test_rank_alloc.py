@@ -75,6 +75,8 @@ def test_planned_ranks_keep_the_budget_and_a_model_with_them_saves_and_loads(tmp
     ce.prepare_model(model, qc, ce.LoRAConfig(rank=4, alpha=8, rank_pattern=ranks), calib=tiny_calib(4))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
     assert {n: m.rank for n, m in layers.items()} == ranks
+    for r in model.cloq_report.layers:  # each layer's error after init uses its own scaling alpha / r_i
+        assert r.err_init <= r.err_quant * (1 + 1e-4), (r.name, ranks[r.name], r.err_quant, r.err_init)
     ce.save_pretrained(model, str(tmp_path / "m"))
     loaded = ce.load_pretrained(str(tmp_path / "m"))
     for n, m in loaded.named_modules():
