@@ -67,6 +67,9 @@ def _add_quant_args(p: argparse.ArgumentParser, bits_multi: bool = False) -> Non
         p.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
     p.add_argument("--group-size", type=_group_size, default=64, help="32, 64, 128 or -1 (default 64)")
     p.add_argument("--quantizer", choices=("gptq", "rtn", "nf4"), default="gptq")
+    p.add_argument("--sym", action="store_true",
+                   help="symmetric quantization (zero at the middle code; exportable as GPTQ v1 at any width)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ in decreasing diag(H) order (desc_act)")
     p.add_argument("--rank", type=_positive_int, default=16)
     p.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--calib", type=_existing_file, default=None,

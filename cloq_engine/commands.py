@@ -31,8 +31,12 @@ def _init_fields(args) -> dict:
     return {f: getattr(args, a) for f, a in fields.items() if getattr(args, a, None) is not None}
 
 
+def _quant_flags(args) -> dict:
+    return {"sym": bool(getattr(args, "sym", False)), "act_order": bool(getattr(args, "act_order", False))}
+
+
 def _configs(args, init: str):
-    qc = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quantizer)
+    qc = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quantizer, **_quant_flags(args))
     fields = _init_fields(args)
     if init not in ("cloq", "quailora"):
         fields.pop("requant_rounds", None)  # compare runs every init with the same flags
@@ -317,7 +321,7 @@ def cmd_compare(args) -> int:
         for init in args.inits:
             # LoftQ is an uncalibrated method: it alternates with its own RTN quantizer (as in its paper)
             method = "rtn" if init == "loftq" and args.quantizer == "gptq" else args.quantizer
-            qc = QuantConfig(bits=bits, group_size=args.group_size, method=method)
+            qc = QuantConfig(bits=bits, group_size=args.group_size, method=method, **_quant_flags(args))
             t0 = time.perf_counter()
             lc = _compare_lora_config(args, init, qc, base, calib)
             model = prepare_model(copy.deepcopy(base), qc, lc, calib=calib, progress=not args.no_progress)

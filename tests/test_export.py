@@ -119,8 +119,11 @@ def test_cli_prepare_export_and_prepare_from_gptq_end_to_end(tmp_path):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     small = ["--bits", "2", "--group-size", "32", "--rank", "4", "--samples", "4", "--seq-len", "32", "--no-progress"]
-    assert cli.main(["prepare", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "ck"), *small]) == 0
+    assert cli.main(["prepare", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "ck"), "--sym",
+                     "--act-order", *small]) == 0
     assert cli.main(["export", str(tmp_path / "ck"), "--format", "gptq", "--out", str(tmp_path / "gq")]) == 0
+    qcfg = json.loads((tmp_path / "gq" / "quantize_config.json").read_text())
+    assert qcfg["checkpoint_format"] == "gptq" and qcfg["sym"]  # symmetric: v1 fits
     assert (tmp_path / "gq" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "gq" / "tokenizer_config.json").is_file()
     assert cli.main(["prepare", "--from-gptq", str(tmp_path / "gq"), "--model", str(tmp_path / "m"),
