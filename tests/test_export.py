@@ -137,3 +137,21 @@ def test_cli_prepare_export_and_prepare_from_gptq_end_to_end(tmp_path):
     assert any(float(m.lora_B.detach().abs().sum()) > 0 for m in layers.values())
     assert cli.main(["export", str(tmp_path / "re"), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
+
+
+def test_an_exported_checkpoint_loads_in_transformers_with_gptqmodel(tmp_path):
+    """The independent loader: transformers' GPTQ integration (GPTQModel's kernels) reads the export
+    and computes what our dequantized base computes. Skipped where gptqmodel is not installed (it
+    needs torch >= 2.14 today; this machine pins 2.13)."""
+    pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    ce.prepare_model(model, ce.QuantConfig(bits=4, group_size=32, method="gptq", sym=True),
+                     ce.LoRAConfig(rank=4, init="zero"), calib=tiny_calib(4))
+    export.export_gptq(model, str(tmp_path / "gptq"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gptq"), device_map="cpu", dtype=torch.float16)
+    ids = tiny_calib(1, seed=3)[0]
+    want = ce.dequantized_base(model, dtype=torch.float32)(input_ids=ids).logits
+    got = loaded(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
