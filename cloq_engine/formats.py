@@ -165,6 +165,21 @@ def unpack_codes_torch(qweight: torch.Tensor, bits: int, in_features: int) -> to
     return codes[:in_features]
 
 
+def dequantize_stored(qw: "QuantizedWeight") -> torch.Tensor:
+    """The reference dequantization, float32 (out_features, in_features) in stored column order
+    (before ``perm``): ``(code - zero) · scale`` per group, or ``NF4_CODEBOOK[code] · scale``.
+    The spec every backend's ``dequantize`` is tested against (``backends.torch_ref`` re-exports it)."""
+    codes = unpack_codes(qw.qweight, qw.bits, qw.in_features)  # [K, N]
+    g = qw.effective_group_size
+    scales = qw.scales.float().repeat_interleave(g, dim=0)  # [K, N]
+    if qw.is_nf4:
+        w_t = NF4_CODEBOOK.to(codes.device)[codes] * scales
+    else:
+        zeros = qw.zeros.float().repeat_interleave(g, dim=0)
+        w_t = (codes.float() - zeros) * scales
+    return w_t.t().contiguous()
+
+
 @dataclass
 class QuantizedWeight:
     """A truly packed quantized weight of logical shape (out_features, in_features).
@@ -259,9 +274,7 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight Ŵ of shape (out_features, in_features), float32 unless ``dtype``."""
-        from .backends import torch_ref
-
-        w = torch_ref.dequantize(self)
+        w = dequantize_stored(self)
         if self.perm is not None:  # stored column i is input feature perm[i]
             w = torch.empty_like(w).index_copy_(1, self.perm.to(w.device), w)
         return w if dtype is None else w.to(dtype)

@@ -22,21 +22,12 @@ from typing import Optional
 
 import torch
 
-from ..formats import NF4_CODEBOOK, QuantizedWeight, unpack_codes
+from ..formats import QuantizedWeight, dequantize_stored
 
 NAME = "torch"
 
-
-def dequantize(qw: QuantizedWeight) -> torch.Tensor:
-    codes = unpack_codes(qw.qweight, qw.bits, qw.in_features)  # [K, N]
-    g = qw.effective_group_size
-    scales = qw.scales.float().repeat_interleave(g, dim=0)  # [K, N]
-    if qw.is_nf4:
-        w_t = NF4_CODEBOOK.to(codes.device)[codes] * scales
-    else:
-        zeros = qw.zeros.float().repeat_interleave(g, dim=0)
-        w_t = (codes.float() - zeros) * scales
-    return w_t.t().contiguous()
+# The format's own definition (formats.py) is the reference: no second copy to drift from it.
+dequantize = dequantize_stored
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
