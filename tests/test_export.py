@@ -8,7 +8,7 @@ import torch
 import cloq_engine as ce
 from cloq_engine import export, gptq_format
 from cloq_engine.nn import QuantLoRALinear
-from tiny_models import tiny_calib, tiny_model
+from tiny_models import tiny_calib, tiny_llama_dir, tiny_model
 
 
 def _prepared(arch="llama", bits=4, init="cloq"):
@@ -108,16 +108,11 @@ def test_export_auto_format_writes_v1_when_the_zeros_fit_it_and_v2_otherwise(tmp
 def test_cli_prepare_export_and_prepare_from_gptq_end_to_end(tmp_path):
     """`cloq prepare` -> `cloq export --format gptq` -> `cloq prepare --from-gptq` on a model directory:
     the imported checkpoint keeps the exported Q bit for bit and gets a calibrated (non-zero) adapter."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    from cloq_engine import cli, data
+    from cloq_engine import cli
 
-    tok = AutoTokenizer.from_pretrained(data.minilm_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    tiny_llama_dir(tmp_path / "m")
     small = ["--bits", "2", "--group-size", "32", "--rank", "4", "--samples", "4", "--seq-len", "32", "--no-progress"]
     assert cli.main(["prepare", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "ck"), "--sym",
                      "--act-order", *small]) == 0

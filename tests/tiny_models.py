@@ -59,3 +59,18 @@ def prepared_tiny(arch: str, quant=None, use_rslora: bool = False, seed: int = 1
             if isinstance(m, QuantLoRALinear):
                 m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
     return model
+
+
+def tiny_llama_dir(path) -> str:
+    """A saved tiny causal LM directory that the CLI can prepare: 2-block Llama with MiniLM's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from cloq_engine import data
+
+    tok = AutoTokenizer.from_pretrained(data.minilm_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -10,7 +10,7 @@ import torch
 
 import cloq_engine as ce
 from cloq_engine.hf import streaming
-from tiny_models import tiny_calib
+from tiny_models import tiny_calib, tiny_llama_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QC = ce.QuantConfig(bits=2, group_size=32, method="gptq")
@@ -153,16 +153,9 @@ def test_bounded_memory_prepare_equals_in_memory(tmp_path):
 
 def test_cli_prepare_resume_writes_a_loadable_checkpoint(tmp_path):
     """`cloq prepare --resume` on a causal LM directory (MiniLM's tokenizer, a tiny Llama)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from cloq_engine import cli
 
-    from cloq_engine import cli, data
-
-    tok = AutoTokenizer.from_pretrained(data.minilm_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    tiny_llama_dir(tmp_path / "m")
     argv = ["prepare", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out"), "--resume", "--bits", "2",
             "--group-size", "32", "--rank", "4", "--samples", "4", "--seq-len", "32", "--no-progress"]
     assert cli.main(argv) == 0
