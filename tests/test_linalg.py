@@ -74,17 +74,20 @@ def test_spd_solves_match_dense_solve(solve):
     torch.testing.assert_close(G @ X if solve is linalg.spd_solve_left else X @ G, C, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("solver", [linalg.randomized_svd, linalg.block_krylov_svd], ids=["randomized", "krylov"])
 @pytest.mark.parametrize("m, n, rank, whiten", [(120, 80, 10, False), (60, 150, 8, True), (100, 100, 30, True)])
-def test_randomized_svd_matches_exact_on_decaying_spectrum(m, n, rank, whiten):
+def test_sketched_svd_matches_exact_on_decaying_spectrum(m, n, rank, whiten, solver):
     R = _low_rank_plus_noise(m, n, decay=0.85)
     L = linalg.damped_cholesky(_gram(3 * n, n, seed=3), damp=1e-3)[0] if whiten else None
     ex = linalg.exact_svd(R, rank, L)
-    rs = linalg.randomized_svd(R, rank, L, seed=0)
+    rs = solver(R, rank, L, seed=0)
     torch.testing.assert_close(rs.S, ex.S, rtol=1e-6, atol=1e-12)
     E = R if L is None else R @ L
     # same rank-r approximation
     torch.testing.assert_close((rs.U * rs.S) @ rs.Vh, (ex.U * ex.S) @ ex.Vh, rtol=1e-5, atol=1e-8 * float(E.norm()))
     torch.testing.assert_close(rs.U.T @ rs.U, torch.eye(rank, dtype=R.dtype), rtol=0, atol=1e-10)
+    if solver is linalg.block_krylov_svd:
+        torch.testing.assert_close(rs.Vh @ rs.Vh.T, torch.eye(rank, dtype=R.dtype), rtol=0, atol=1e-10)
 
 
 def test_randomized_svd_more_power_iterations_help_on_flat_spectrum():
@@ -100,19 +103,6 @@ def test_randomized_svd_more_power_iterations_help_on_flat_spectrum():
 def test_randomized_svd_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         linalg.randomized_svd(torch.randn(10, 10), 2, **kwargs)
-
-
-@pytest.mark.parametrize("m, n, rank, whiten", [(120, 80, 10, False), (60, 150, 8, True), (100, 100, 30, True)])
-def test_block_krylov_svd_matches_exact_on_decaying_spectrum(m, n, rank, whiten):
-    R = _low_rank_plus_noise(m, n, decay=0.85)
-    L = linalg.damped_cholesky(_gram(3 * n, n, seed=3), damp=1e-3)[0] if whiten else None
-    ex = linalg.exact_svd(R, rank, L)
-    ks = linalg.block_krylov_svd(R, rank, L, seed=0)
-    torch.testing.assert_close(ks.S, ex.S, rtol=1e-6, atol=1e-12)
-    E = R if L is None else R @ L
-    torch.testing.assert_close((ks.U * ks.S) @ ks.Vh, (ex.U * ex.S) @ ex.Vh, rtol=1e-5, atol=1e-8 * float(E.norm()))
-    torch.testing.assert_close(ks.U.T @ ks.U, torch.eye(rank, dtype=R.dtype), rtol=0, atol=1e-10)
-    torch.testing.assert_close(ks.Vh @ ks.Vh.T, torch.eye(rank, dtype=R.dtype), rtol=0, atol=1e-10)
 
 
 def _flat_whitened(m=600, n=400, seed=5):

@@ -25,6 +25,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import triton
 
+from .utils import INTERPRET, shared_limit
+
 logger = logging.getLogger(__name__)
 
 TABLE_PATH = Path(__file__).with_name("configs.json")
@@ -152,3 +154,36 @@ def _can_tune(device) -> bool:
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return not torch.cuda.is_current_stream_capturing()
+
+
+# ---- the two tiled GEMMs (forward and transposed backward) choose their configs alike ----------
+# One tiny config under the interpreter: it cannot benchmark and is slow per program.
+INTERPRET_TILE = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
+
+
+def prune_tiled(candidates: List[triton.Config], x: torch.Tensor, bits: int, group_size: int, num_groups: int,
+                shared_bytes: Callable[[dict, int, int, int], int]) -> List[triton.Config]:
+    """Configs whose BLOCK_K serves one scale row and whose pipelined buffers (``shared_bytes(kwargs,
+    stages, x bytes, bits)``) fit the device's shared memory; the shallowest one if none does."""
+    limit = shared_limit(x.device)
+    kept = [
+        c for c in candidates
+        if (num_groups == 1 or group_size % c.kwargs["BLOCK_K"] == 0)
+        and shared_bytes(c.kwargs, c.num_stages, x.element_size(), bits) <= limit
+    ]
+    return kept or [min(candidates, key=lambda c: c.kwargs["BLOCK_K"])]
+
+
+def pick_tiled(kernel: str, x: torch.Tensor, candidates: List[triton.Config], default: triton.Config,
+               shared_bytes: Callable[[dict, int, int, int], int], N: int, K: int, bits: int, group_size: int,
+               bench=None) -> triton.Config:
+    """Shipped config (``configs.json``) of a tiled GEMM for this shape; autotuned once and cached only
+    off the table. ``x`` is the [M, ·] activation the kernel streams."""
+    if INTERPRET:
+        return INTERPRET_TILE
+    num_groups = max(K // group_size, 1)
+    kept = prune_tiled(candidates, x, bits, group_size, num_groups, shared_bytes)
+    cfg = lookup(kernel, x.device, default, kept, bench, m=x.shape[0], n=N, k=K, bits=bits, group=group_size)
+    if num_groups > 1 and group_size % cfg.kwargs["BLOCK_K"]:  # a shape-wide entry, too deep for this group
+        cfg = kept[0]
+    return cfg

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .utils import INTERPRET, dot_precision, load_wt_tile, r_pad, shared_limit, swizzle_tile
+from .utils import dot_precision, load_wt_tile, r_pad, swizzle_tile
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,29 +45,14 @@ def shared_bytes_estimate(cfg: dict, num_stages: int, x_bytes: int, bits: int) -
 DEFAULT = triton.Config({"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4)
 
 
-def prune_configs(configs, dy: torch.Tensor, bits: int, group_size: int, num_groups: int) -> list:
+def prune_configs(candidates, dy: torch.Tensor, bits: int, group_size: int, num_groups: int) -> list:
     """Configs whose BLOCK_K serves one scale row and whose buffers fit the device's shared memory."""
-    limit = shared_limit(dy.device)
-    kept = [
-        c for c in configs
-        if (num_groups == 1 or group_size % c.kwargs["BLOCK_K"] == 0)
-        and shared_bytes_estimate(c.kwargs, c.num_stages, dy.element_size(), bits) <= limit
-    ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
+    return configs.prune_tiled(candidates, dy, bits, group_size, num_groups, shared_bytes_estimate)
 
 
 def pick_config(dy: torch.Tensor, N: int, K: int, bits: int, group_size: int, bench=None) -> triton.Config:
     """Shipped config (``configs.json``) for this shape; autotuned once and cached only off the table."""
-    if INTERPRET:  # one tiny config: the interpreter cannot benchmark and is slow per program
-        return triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
-    M = dy.shape[0]
-    num_groups = max(K // group_size, 1)
-    candidates = prune_configs(gemm_t_configs(), dy, bits, group_size, num_groups)
-    cfg = configs.lookup("dequant_gemm_t", dy.device, DEFAULT, candidates, bench, m=M, n=N, k=K, bits=bits,
-                         group=group_size)
-    if num_groups > 1 and group_size % cfg.kwargs["BLOCK_K"]:  # a shape-wide entry, too deep for this group
-        cfg = candidates[0]
-    return cfg
+    return configs.pick_tiled("dequant_gemm_t", dy, gemm_t_configs(), DEFAULT, shared_bytes_estimate, N, K, bits, group_size, bench)
 
 
 # ---------------------------------------------------------------------------------------------
