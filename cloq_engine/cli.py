@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory to write (default: <checkpoint>-<format>)")
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=("kernels", "train", "init", "quantize", "prepare"))
+    p.add_argument("which", choices=("kernels", "train", "init", "quantize", "prepare", "finetune"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
 

@@ -297,20 +297,9 @@ def cmd_eval(args) -> int:
 
 
 # -- compare ----------------------------------------------------------------------------------------
-def _compare_lora_config(args, init: str, qc: QuantConfig, base, calib) -> LoRAConfig:
-    """The LoRAConfig of one compare row; "cloq+requant" and "cloq+ranks" are CLoQ variants."""
-    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init.split("+")[0])
-    if init == "cloq+requant":
-        return LoRAConfig.from_dict({**lc.to_dict(), "requant_rounds": 3})
-    if init == "cloq+ranks":
-        from .rank_plan import plan_ranks
-
-        return LoRAConfig.from_dict({**lc.to_dict(), "rank_pattern": plan_ranks(copy.deepcopy(base), qc, lc, calib)})
-    return lc
-
-
 def cmd_compare(args) -> int:
     from .hf import prepare_model
+    from .variants import resolve_variant
 
     _check_seq_len(args.seq_len)
     base, tok = data.load_model(args.model)
@@ -319,11 +308,12 @@ def cmd_compare(args) -> int:
     results = []
     for bits in args.bits:
         for init in args.inits:
-            # LoftQ is an uncalibrated method: it alternates with its own RTN quantizer (as in its paper)
-            method = "rtn" if init == "loftq" and args.quantizer == "gptq" else args.quantizer
-            qc = QuantConfig(bits=bits, group_size=args.group_size, method=method, **_quant_flags(args))
             t0 = time.perf_counter()
-            lc = _compare_lora_config(args, init, qc, base, calib)
+            # LoftQ alternates with its own RTN quantizer; cloq+requant/+ranks are CLoQ variants (variants.py)
+            qc, lc = resolve_variant(init, LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank),
+                                     QuantConfig(bits=bits, group_size=args.group_size, method=args.quantizer,
+                                                 **_quant_flags(args)), base, calib)
+            method = qc.method.value
             model = prepare_model(copy.deepcopy(base), qc, lc, calib=calib, progress=not args.no_progress)
             rep = model.cloq_report
             score = ev.score(model)

@@ -16,6 +16,27 @@ def _model_inputs(batch, device) -> dict:
     return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """Mean of the hidden states over the unmasked positions; L2-normalised on request."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def classification_scores(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Dict[str, float]:
+    """Accuracy and macro-F1 (the unweighted mean of per-class F1; a class never predicted nor
+    present is left out of the mean, one present but never predicted counts as F1 = 0)."""
+    pred, labels = pred.long().cpu(), labels.long().cpu()
+    acc = float((pred == labels).float().mean())
+    f1s = []
+    for c in range(num_classes):
+        tp = int(((pred == c) & (labels == c)).sum())
+        fp, fn = int(((pred == c) & (labels != c)).sum()), int(((pred != c) & (labels == c)).sum())
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": acc, "macro_f1": sum(f1s) / len(f1s) if f1s else float("nan")}
+
+
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
     """Mean-pooled, L2-normalised last hidden states (sentence-transformers' MiniLM recipe)."""
@@ -24,9 +45,8 @@ def sentence_embeddings(model: nn.Module, batches: Iterable[dict]) -> torch.Tens
     for batch in batches:
         inputs = _model_inputs(batch, device)
         hidden = model(**inputs).last_hidden_state.float()
-        mask = inputs.get("attention_mask", torch.ones(hidden.shape[:2], device=device)).unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+        mask = inputs.get("attention_mask", torch.ones(hidden.shape[:2], device=device))
+        out.append(mean_pool(hidden, mask, normalize=True).cpu())
     return torch.cat(out)
 
 
