@@ -283,7 +283,10 @@ def summarize(args, tasks, rates, done) -> dict:
             up = by_key.get((b + 1, "zero")) if b is not None else None
             if zero and up and b is not None:
                 gap = up[cls.metric][0] - zero[cls.metric][0]
-                row["gap_closed"] = (row[cls.metric][0] - zero[cls.metric][0]) / gap if gap else float("nan")
+                # a gap no larger than the two seed spreads gives a fraction of noise: not reported
+                row["gap_within_noise"] = not abs(gap) > zero[cls.metric][1] + up[cls.metric][1]
+                row["gap_closed"] = (float("nan") if row["gap_within_noise"]
+                                     else (row[cls.metric][0] - zero[cls.metric][0]) / gap)
                 gap0 = up["at_init"][cls.metric] - zero["at_init"][cls.metric]
                 row["gap_closed_at_init"] = ((row["at_init"][cls.metric] - zero["at_init"][cls.metric]) / gap0
                                              if gap0 else float("nan"))
@@ -313,7 +316,8 @@ def print_tables(summary, args) -> None:
             b = "-" if r["bits"] is None else str(r["bits"])
             vs = _fmt(r["vs_zero"]) if "vs_zero" in r else ""
             gap = r.get("gap_closed")
-            gap = "" if gap is None or gap != gap else f"{100 * gap:.0f}%"
+            gap = ("n/a: gap within noise" if r.get("gap_within_noise") else
+                   "" if gap is None or gap != gap else f"{100 * gap:.0f}%")
             warn = f" ({r['diverged']} diverged)" if r["diverged"] else ""
             at = r["at_init"][head]
             print(f"| {b} | {r['init']}{warn} | {r['lr']:g} | {'n/a' if at != at else f'{at:.4f}'} | "

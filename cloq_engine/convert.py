@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import init as init_mod
+from . import linalg
 from .config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
 from .formats import QuantizedWeight
 from .quant import quantize_weight
@@ -103,7 +104,18 @@ def init_layer(W: torch.Tensor, qw: QuantizedWeight, lora_config: LoRAConfig,
     rank = lora_config.rank if name is None else lora_config.rank_for(name)
     A, B = init_mod.init_lora(W.float(), qw, H, rank, method=lora_config.init.value,
                               scaling=lora_config.scaling_for_rank(rank), **init_mod.init_options(lora_config))
+    A, B = balance_factors(A, B, lora_config, rank)
     return LayerInit(qw, A, B, init_s=time.perf_counter() - t0)
+
+
+def balance_factors(A: torch.Tensor, B: torch.Tensor, lora_config: LoRAConfig, rank: int):
+    """``(A, B)`` re-split with equal singular values when ``lora_config.balance`` (same product);
+    a zero B (QLoRA's init) is left as it is: its A is the random direction training starts from."""
+    if not lora_config.balance or not bool(B.any()):
+        return A, B
+    s = lora_config.scaling_for_rank(rank)
+    B2, A2 = linalg.rebalance(s * B.double(), A.double(), s)
+    return A2.to(A.dtype).contiguous(), B2.to(B.dtype).contiguous()
 
 
 def quantize_and_init(weights: Sequence[torch.Tensor], quant_config: QuantConfig, lora_config: LoRAConfig,
@@ -118,6 +130,7 @@ def quantize_and_init(weights: Sequence[torch.Tensor], quant_config: QuantConfig
         for W, name in zip(weights, names):
             t = {}
             qw, A, B = init_mod.initialize(W.float(), quant_config, lora_config, Hf, name=name, timings=t)
+            A, B = balance_factors(A, B, lora_config, lora_config.rank if name is None else lora_config.rank_for(name))
             out.append(LayerInit(qw, A, B, quantize_s=t["quantize_s"], init_s=t["init_s"]))
         return out
     t0 = time.perf_counter()

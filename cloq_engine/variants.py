@@ -2,7 +2,8 @@
 
 A variant is an init method plus how it is run: ``loftq`` alternates with its own RTN quantizer
 (an uncalibrated method, as in its paper), ``cloq+requant`` is CLoQ with joint re-quantization
-(3 rounds), ``cloq+ranks`` is CLoQ with per-layer ranks planned under the parameter budget of
+(3 rounds), ``cloq+balanced`` is CLoQ with its factors re-split to equal scale in weight
+space (``LoRAConfig.balance``), ``cloq+ranks`` is CLoQ with per-layer ranks planned under the parameter budget of
 the uniform rank. One registry, so that the comparison and the fine-tuning study cannot drift.
 """
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _loftq(lc, qc, base, calib):
 @register_variant("cloq+requant")
 def _requant(lc, qc, base, calib):
     return qc, _with_init(lc, "cloq", requant_rounds=3)
+
+
+@register_variant("cloq+balanced")
+def _balanced(lc, qc, base, calib):
+    return qc, _with_init(lc, "cloq", balance=True)
 
 
 @register_variant("cloq+ranks")
