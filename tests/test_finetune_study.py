@@ -176,3 +176,12 @@ def test_bench_finetune_causal_lm_scores_perplexity(tmp_path, tiny_llama, capsys
     assert [(r["bits"], r["init"]) for r in rows] == [(2, "zero"), (2, "cloq")]
     assert all(r["perplexity"][0] > 1 for r in rows)
     assert "## lm" in capsys.readouterr().out
+
+
+def test_quick_mode_settings_and_an_explicit_option_wins():
+    bench = _bench()
+    a = bench.parse_args(["--quick"])
+    assert (a.bits, a.inits, a.seeds, a.steps) == ([2], ["zero", "cloq"], 2, 8)
+    assert bench.parse_args(["--quick", "--steps", "5"]).steps == 5
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--seeds", "0"])
