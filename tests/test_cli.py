@@ -25,6 +25,7 @@ def _run(*argv):
     (["prepare", "--rank", "0", "--out", "x"], "--rank"),
     (["prepare", "--quantizer", "awq", "--out", "x"], "--quantizer"),
     (["prepare", "--model", "/no/such/dir", "--out", "x"], "--model"),
+    (["prepare", "--model", __file__, "--out", "x"], "is a file; expected a directory"),
     (["eval", "/no/such/ckpt"], "checkpoint"),
     (["finetune", ".", "--steps", "-3"], "--steps"),
 ])
@@ -200,3 +201,60 @@ def test_eval_refuses_a_quantized_base(tmp_path):
     other = _fake_checkpoint(tmp_path / "other")
     with pytest.raises(commands.CLIError, match="is a cloq checkpoint, not full precision"):
         commands._base_model(None, {"base_model": str(other)})
+
+
+# -- signals, space, summaries -------------------------------------------------------------------
+def test_sigterm_is_handled_like_an_interrupt_staging_removed_exit_143(tmp_path, monkeypatch, capsys):
+    import signal
+    import time
+
+    import safetensors.torch
+
+    from tiny_models import tiny_llama_dir
+
+    model = tiny_llama_dir(tmp_path / "m")
+
+    def killed(tensors, filename, metadata=None):  # SIGTERM arrives while the weights are written
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["prepare", "--model", model, "--out", str(tmp_path / "ck"), "--quantizer", "rtn", "--init", "zero",
+                 "--group-size", "32", "--rank", "4", "--samples", "2", "--seq-len", "32", "--no-progress"])
+    assert code == 143
+    assert "terminated (SIGTERM); nothing was written" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no .ck.tmp-* staging directory left
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_finetune_checks_free_space_before_training(tmp_path, monkeypatch, capsys):
+    import collections
+
+    from cloq_engine.hf import output_dir
+
+    ckpt = _fake_checkpoint(tmp_path / "ckpt")
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 4096)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(output_dir.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
+    assert main(["finetune", str(ckpt), "--out", str(tmp_path / "ft")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not enough free space to write" in err and str(tmp_path / "ft") in err
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("metric, before, after, full, words", [
+    ("perplexity", 20.0, 15.0, 10.0, "recovered 50.0% of the gap"),
+    ("perplexity", 20.0, 9.0, 10.0, "closed the whole gap to full precision and went 1.0000 past it"),  # was -2131.5%
+    ("perplexity", 20.0, 30.0, 10.0, "widened the gap to full precision by 100.0%"),
+    ("perplexity", 9.0, 8.0, 10.0, "already matched full precision before fine-tuning"),
+    ("cosine", 0.90, 0.95, 1.0, "recovered 50.0% of the gap"),
+])
+def test_finetune_gap_summary_is_right_on_both_sides_of_full_precision(metric, before, after, full, words):
+    from cloq_engine.commands import gap_summary
+
+    line = gap_summary(metric, before, after, full)
+    assert words in line and "-" not in line.split("(")[0].replace("fine-tuning", "")

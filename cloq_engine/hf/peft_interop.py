@@ -76,7 +76,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
     }
 
 
-def export_peft_adapter(model: nn.Module, save_directory, overwrite: bool = True) -> str:
+def export_peft_adapter(model: nn.Module, save_directory, overwrite: bool = False) -> str:
     """Write ``model``'s LoRA factors as a PEFT adapter directory, atomically.
 
     ``adapter_model.safetensors`` holds ``base_model.model.<name>.lora_A.weight`` (r, in) and
@@ -113,7 +113,8 @@ def export_peft_adapter(model: nn.Module, save_directory, overwrite: bool = True
             json.dump(adapter_config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    write_dir_atomically(target, write)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    write_dir_atomically(target, write, nbytes=nbytes, superseded=lambda rel: rel == "adapter_model.bin")
     logger.info("exported a PEFT adapter of %d layers to %s", len(layers), target)
     return target
 

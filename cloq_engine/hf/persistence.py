@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -168,7 +169,20 @@ def protected_inputs(model: nn.Module) -> List[str]:
     return [str(c) for c in candidates if c and os.path.isdir(str(c))]
 
 
-def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite: bool = True) -> str:
+_OLD_WEIGHTS = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
+def superseded_weights(rel: str) -> bool:
+    """Weight files of a previous checkpoint that a new ``model.safetensors`` replaces (shards
+    written by transformers' own save_pretrained would otherwise shadow or contradict it)."""
+    return _OLD_WEIGHTS.fullmatch(rel) is not None
+
+
+def state_nbytes(state: Dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite: bool = False) -> str:
     """Write a prepared model to ``save_directory``, atomically.
 
     Files: ``model.safetensors`` (the full state dict: packed base buffers, LoRA factors, all other
@@ -178,9 +192,14 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite:
     directory next to ``save_directory`` and swapped into place (see :mod:`.output_dir`).
 
     Args:
-        overwrite: replace a previous cloq checkpoint at ``save_directory`` (the whole directory).
-            Anything else is never replaced: a non-empty directory that is not a cloq checkpoint,
-            the working directory, the model's own source directory are refused with ValueError.
+        overwrite: replace the weights and config of a previous cloq checkpoint at
+            ``save_directory`` (default False: it is refused with ValueError). Its other files (the
+            tokenizer, an ``adapter/``, a user's notes) are kept. Anything else is never replaced:
+            a non-empty directory that is not a cloq checkpoint, the working directory, the
+            model's own source directory are refused with ValueError.
+
+    Raises :class:`~cloq_engine.hf.output_dir.NoSpaceError` (an OSError) before writing when the
+    file system lacks the space.
 
     Returns the absolute path of the checkpoint directory.
     """
@@ -200,7 +219,7 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
         write_side_files(tmp, model, config_dict, tokenizer)
 
-    write_dir_atomically(target, write)
+    write_dir_atomically(target, write, nbytes=state_nbytes(state), superseded=superseded_weights)
     logger.info("saved %d tensors (%d tied) to %s", len(state), len(aliases), target)
     return target
 

@@ -156,6 +156,7 @@ def run_sequential(model: nn.Module, targets: List[str], batches: List[dict], bu
 
     stack = calib_mod.find_block_stack(model, targets)
     done = set()
+    inputs = None
     if stack is not None:
         stack_name, blocks = stack
         t0 = time.perf_counter()
@@ -190,7 +191,10 @@ def run_sequential(model: nn.Module, targets: List[str], batches: List[dict], bu
     rest = [t for t in targets if t not in done]
     if rest:
         t0 = time.perf_counter()
-        grams = calib_mod.full_pass_grams(model, rest, batches)
+        # Outside the stack (BERT's pooler, a targeted lm_head): from the stream's final hidden
+        # states, without running the blocks again (the streaming path has freed them).
+        grams = (calib_mod.tail_grams(model, inputs, rest, batches) if inputs is not None
+                 else calib_mod.full_pass_grams(model, rest, batches))
         builder.report.capture_s += time.perf_counter() - t0
         replace_modules(model, builder.build(model, grams))
 
