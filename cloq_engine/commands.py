@@ -138,7 +138,8 @@ class Evaluator:
 
 
 # -- prepare ----------------------------------------------------------------------------------------
-_API_WORDS = (("overwrite=True", "--overwrite"), ("output directory", "--out"))
+_API_WORDS = (("overwrite=True", "--overwrite"), ("output directory", "--out"), ("pass `calib`", "pass --calib"),
+              ("use prepare_model", "run without --resume"), ("without `resume`", "without --resume"))
 
 
 def _cli_words(message: str) -> str:
@@ -238,7 +239,7 @@ def _prepare_streaming(args, model_path: str, t0: float) -> int:
         out = prepare_pretrained(model_path, args.out, qc, lc, calib=_calibration(args, tok), resume=True,
                                  dtype=torch.float32, progress=not args.no_progress, tokenizer=tok)
     except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(_cli_words(str(e))) from None
     print(f"time: total {time.perf_counter() - t0:.1f}s | peak memory: {_peak_rss_mib():.0f} MiB resident (process)")
     print(f"wrote {out}")
     return 0

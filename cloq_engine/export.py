@@ -22,7 +22,7 @@ from torch import nn
 
 from . import gptq_format
 from .hf.output_dir import EXPORT_MARKER, check_output_dir, is_cloq_export, write_dir_atomically
-from .hf.persistence import state_nbytes, superseded_weights
+from .hf.record import state_nbytes, superseded_weights
 from .config import LoRAConfig, QuantConfig, QuantMethod
 from .formats import QuantizedWeight
 from .nn import QuantLoRALinear, linear_weight
@@ -244,7 +244,7 @@ def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "auto",
                 json.dump(d, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        export_peft_adapter(model, os.path.join(tmp, ADAPTER_DIR))
+        export_peft_adapter(model, os.path.join(tmp, ADAPTER_DIR), base=target)  # the GPTQ base beside it
 
     lora_bytes = sum(m.lora_A.numel() * m.lora_A.element_size() + m.lora_B.numel() * m.lora_B.element_size()
                      for m in layers.values())

@@ -117,6 +117,7 @@ def test_decoder_prepare_eval_finetune_report_perplexity(tiny_causal_dir, tmp_pa
     code, _, stderr = _run("prepare", "--model", str(tiny_causal_dir), "--bits", "4", "--group-size", "32",
                            "--out", str(ck), "--samples", "4", "--seq-len", "32", "--no-progress")
     assert code == 0, stderr
+    assert "Loading weights" not in stderr  # transformers' own bar obeys --no-progress too
     code, stdout, stderr = _run("eval", str(ck), "--samples", "4", "--json")
     assert code == 0, stderr
     res = json.loads(stdout.strip().splitlines()[-1])
@@ -258,3 +259,58 @@ def test_finetune_gap_summary_is_right_on_both_sides_of_full_precision(metric, b
 
     line = gap_summary(metric, before, after, full)
     assert words in line and "-" not in line.split("(")[0].replace("fine-tuning", "")
+
+
+def test_help_and_version_answer_without_importing_torch():
+    code = ("import sys\nfrom cloq_engine import cli\n"
+            "for argv in (['--help'], ['--version']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.splitlines()
+    assert out[-1] == "False False"  # before: --help imported torch (2 s)
+    usage = "\n".join(out)
+    assert "{prepare,eval,compare,finetune,export,bench}" in usage and "export" in usage.split("positional")[0]
+    assert any(line.startswith("cloq-engine ") for line in out)
+
+
+def test_the_package_has_no_import_cycle():
+    """Every import (module level or deferred inside a function) follows the data flow; the last
+    circle was hf/persistence <-> hf/quantizer."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    mods = {}
+    for path in (root / "cloq_engine").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for mod, path in mods.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                target = f"{base}.{node.module}" if node.module else base
+                deps |= {f"{target}.{a.name}" if f"{target}.{a.name}" in mods else target for a in node.names}
+        # package __init__ files only re-export: an edge into one is not a dependency on its siblings
+        graph[mod] = {d for d in deps if d in mods and d != mod and mods[d].name != "__init__.py"}
+    seen, stack = set(), []
+
+    def visit(m):
+        if m in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+        if m in seen:
+            return
+        stack.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        stack.pop()
+        seen.add(m)
+
+    for m in sorted(graph):
+        visit(m)

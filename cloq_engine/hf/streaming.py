@@ -37,9 +37,9 @@ from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
 from ..convert import mark_trainable, replace_modules
 from .output_dir import check_free_space, write_dir_atomically
-from .persistence import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, _hf_config_dict, _same_view,
-                          _storage_key, empty_quant_layer, model_class_for, quantization_record, state_nbytes,
-                          superseded_weights, tensor_checksum, write_side_files)
+from .persistence import model_class_for, write_side_files
+from .record import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, empty_quant_layer, hf_config_dict, quantization_record,
+                     same_view, state_nbytes, storage_key, superseded_weights, tensor_checksum)
 from .prepare import (REPORT_MODES, LayerBuilder, PrepareReport, check_layers, finish, needs_calibration,
                       run_sequential)
 from .targets import find_targets
@@ -225,8 +225,8 @@ def _outside_state(model: nn.Module, stack_name: str):
         if name.startswith(stack_name + "."):
             continue
         t = t.detach()
-        key = _storage_key(t)
-        exact = next((k for k in seen.get(key, []) if _same_view(state[k], t)), None)
+        key = storage_key(t)
+        exact = next((k for k in seen.get(key, []) if same_view(state[k], t)), None)
         if exact is not None:
             aliases[name] = exact
             continue
@@ -366,7 +366,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
 
     def write(tmp: str) -> None:
         write_safetensors_streaming(sources, state, os.path.join(tmp, WEIGHTS_NAME), metadata)
-        write_side_files(tmp, model, _hf_config_dict(model, record), tokenizer)
+        write_side_files(tmp, model, hf_config_dict(model, record), tokenizer)
 
     nbytes = sum(os.path.getsize(f) for f in sources) + state_nbytes(state)
     write_dir_atomically(out, write, nbytes=nbytes, superseded=superseded_weights)
