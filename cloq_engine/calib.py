@@ -146,6 +146,7 @@ class BlockInputs:
 
     def __init__(self, hidden: List[torch.Tensor], calls: List[List[BlockCall]], blocks: nn.ModuleList):
         self.hidden, self.calls, self.blocks = hidden, calls, blocks
+        self.output_arity = 0  # how the last block run returns its hidden states: 0 bare, n a tuple of n
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -157,7 +158,9 @@ class BlockInputs:
     @torch.no_grad()
     def advance(self, i: int) -> None:
         """Run block ``i`` (as it now is) on the held hidden states: they become block i+1's."""
-        self.hidden = [_first(call(self.blocks[i], h)) for call, h in self.batches(i)]
+        outs = [call(self.blocks[i], h) for call, h in self.batches(i)]
+        self.output_arity = len(outs[0]) if outs and isinstance(outs[0], (tuple, list)) else 0
+        self.hidden = [_first(out) for out in outs]
         self.calls[i] = []  # block i's arguments are no longer needed
 
 
@@ -357,6 +360,43 @@ def _group_gram(block: nn.Module, group: List[str], batches, stop: bool) -> Dict
         handle.remove()
     H = acc["acc"].H
     return {n: H for n in group}
+
+
+@torch.no_grad()
+def tail_grams(model: nn.Module, inputs: BlockInputs, names: List[str], batches: Sequence[dict]) -> Dict[str, torch.Tensor]:
+    """``{name: H}`` for ``names`` outside the block stack (BERT's pooler, a targeted lm_head),
+    once every block has run: the model runs with each block replaced by a stub, the last one
+    returning the stream's own final hidden states, so no block is computed again (the streaming
+    path has freed them) and the layers after the stack see what the prepared blocks produce."""
+    blocks, n = inputs.blocks, len(inputs.blocks)
+    if len(inputs.hidden) != len(batches):
+        raise RuntimeError("the block stream holds no final hidden states for these calibration batches")
+    state = {"batch": 0}
+
+    def stub(i: int):
+        def forward(*args, **kwargs):
+            h, _ = _split_hidden(args, kwargs, None)
+            out = inputs.hidden[state["batch"]] if i == n - 1 else h  # earlier blocks: a well-formed stand-in
+            return (out,) + (None,) * (inputs.output_arity - 1) if inputs.output_arity else out
+
+        return forward
+
+    saved = []
+    for i, block in enumerate(blocks):
+        saved.append(block.__dict__.get("forward"))
+        block.forward = stub(i)
+    try:
+        with GramHooks(model, names) as grams, _no_cache(model):
+            for b, batch in enumerate(batches):
+                state["batch"] = b
+                grams.mask = batch.get("attention_mask")
+                model(**batch)
+    finally:
+        for block, old in zip(blocks, saved):
+            del block.forward
+            if old is not None:
+                block.forward = old
+    return {n_: grams.H(n_) for n_ in names}
 
 
 @torch.no_grad()

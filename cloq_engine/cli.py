@@ -1,4 +1,4 @@
-"""The ``cloq`` command line: prepare | eval | compare | finetune | bench.
+"""The ``cloq`` command line: prepare | eval | compare | finetune | export | bench.
 
 With no ``--model`` the embedded real MiniLM is used; with no ``--calib``/``--data`` the embedded
 text (calibration half / held-out half of CPython's pydoc topics).
@@ -9,8 +9,8 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-import time
 from typing import List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,6 +47,9 @@ def _group_size(text: str) -> int:
 
 
 def _existing_dir(text: str) -> str:
+    if os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a directory (a Hugging Face model or "
+                                         "checkpoint directory holding config.json)")
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
     return text
@@ -61,13 +64,15 @@ def _existing_file(text: str) -> str:
 def _add_quant_args(p: argparse.ArgumentParser, bits_multi: bool = False) -> None:
     p.add_argument("--model", type=_existing_dir, default=None,
                    help="local Hugging Face model directory (default: the embedded MiniLM)")
+    # Defaults are filled in by commands.quant_defaults, so that `prepare --from-gptq` can tell a
+    # --bits the user gave (and that conflicts with the checkpoint) from the default.
     if bits_multi:
         p.add_argument("--bits", type=int, nargs="+", choices=(2, 3, 4), default=[2, 3, 4])
     else:
-        p.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
-    p.add_argument("--group-size", type=_group_size, default=64, help="32, 64, 128 or -1 (default 64)")
-    p.add_argument("--quantizer", choices=("gptq", "rtn", "nf4"), default="gptq")
-    p.add_argument("--sym", action="store_true",
+        p.add_argument("--bits", type=int, choices=(2, 3, 4), default=None, help="(default 4)")
+    p.add_argument("--group-size", type=_group_size, default=None, help="32, 64, 128 or -1 (default 64)")
+    p.add_argument("--quantizer", choices=("gptq", "rtn", "nf4"), default=None, help="(default gptq)")
+    p.add_argument("--sym", action="store_true", default=None,
                    help="symmetric quantization (zero at the middle code; exportable as GPTQ v1 at any width)")
     p.add_argument("--act-order", action="store_true", help="GPTQ in decreasing diag(H) order (desc_act)")
     p.add_argument("--rank", type=_positive_int, default=16)
@@ -87,9 +92,19 @@ def _add_quant_args(p: argparse.ArgumentParser, bits_multi: bool = False) -> Non
                    help="joint re-quantization rounds for cloq/quailora (default 0: one-shot)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cloq-engine")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cloq", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"cloq-engine {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="quantize a model and initialise its LoRA factors")
@@ -138,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ v1 (AutoGPTQ/vLLM, stores zero-1) or v2 (GPTQModel, exact zeros); "
                         "auto (default): v1 when the zeros fit it, else v2")
     p.add_argument("--out", default=None, help="directory to write (default: <checkpoint>-<format>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous cloq export at --out")
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     p.add_argument("which", choices=("kernels", "train", "init", "quantize", "prepare", "finetune"))
@@ -145,10 +161,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every cleanup an interrupt runs (staging
+    directories removed, the caller's model restored) runs for it too."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if getattr(args, "no_progress", False):
+        # transformers' own bars ("Loading weights") read this when it is imported
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     from . import commands
 
     handler = getattr(commands, f"cmd_{args.command}")
@@ -159,8 +197,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"cloq {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"cloq {args.command}: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        kept = commands.interrupted_note(args)
+        if isinstance(e, Terminated):
+            print(f"cloq {args.command}: terminated (SIGTERM); {kept}", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        print(f"cloq {args.command}: interrupted; {kept}", file=sys.stderr)
         return 130
 
 

@@ -31,6 +31,26 @@ def _init_fields(args) -> dict:
     return {f: getattr(args, a) for f, a in fields.items() if getattr(args, a, None) is not None}
 
 
+QUANT_DEFAULTS = {"bits": 4, "group_size": 64, "quantizer": "gptq", "sym": False}
+_OPTION = {"bits": "--bits", "group_size": "--group-size", "quantizer": "--quantizer", "sym": "--sym"}
+
+
+def quant_defaults(args) -> dict:
+    """Fill in the quantization options the command line left out; returns those it gave."""
+    given = {k: getattr(args, k) for k in QUANT_DEFAULTS if getattr(args, k, None) is not None}
+    for k, v in QUANT_DEFAULTS.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return given
+
+
+def interrupted_note(args) -> str:
+    """What an interrupted command leaves (cli.py prints it)."""
+    if args.command == "prepare" and getattr(args, "resume", False):
+        return f"the finished blocks are kept in {args.out}.partial: run the same command again to continue"
+    return "nothing was written"
+
+
 def _quant_flags(args) -> dict:
     return {"sym": bool(getattr(args, "sym", False)), "act_order": bool(getattr(args, "act_order", False))}
 
@@ -118,14 +138,25 @@ class Evaluator:
 
 
 # -- prepare ----------------------------------------------------------------------------------------
-def _check_out(out: str, overwrite: bool, inputs: List[str]) -> str:
+_API_WORDS = (("overwrite=True", "--overwrite"), ("output directory", "--out"), ("pass `calib`", "pass --calib"),
+              ("use prepare_model", "run without --resume"), ("without `resume`", "without --resume"))
+
+
+def _cli_words(message: str) -> str:
+    """An API message in the command line's words (its options, not the Python arguments)."""
+    for api, cli in _API_WORDS:
+        message = message.replace(api, cli)
+    return message
+
+
+def _check_out(out: str, overwrite: bool, inputs: List[str], **kwargs) -> str:
     """Refuse a dangerous --out before any work (see hf/output_dir.py)."""
     from .hf.output_dir import check_output_dir
 
     try:
-        return check_output_dir(out, overwrite=overwrite, inputs=inputs, flag="--overwrite")
+        return check_output_dir(out, overwrite=overwrite, inputs=inputs, flag="--overwrite", **kwargs)
     except ValueError as e:
-        raise CLIError(str(e).replace("output directory", "--out", 1)) from None
+        raise CLIError(_cli_words(str(e))) from None
 
 
 def _check_seq_len(seq_len: int) -> None:
@@ -156,12 +187,13 @@ def cmd_prepare(args) -> int:
     from .hf.quantizer import attach_quantization_config
 
     t0 = time.perf_counter()
+    given = quant_defaults(args)
     model_path = args.model or data.minilm_path()
     from_gptq = getattr(args, "from_gptq", None)
     out = _check_out(args.out, args.overwrite, [model_path] + ([from_gptq] if from_gptq else []))
     _check_seq_len(args.seq_len)
     if from_gptq:
-        return _prepare_from_gptq(args)
+        return _prepare_from_gptq(args, given)
     if getattr(args, "resume", False):
         return _prepare_streaming(args, model_path, t0)
     model, tok = data.load_model(model_path)
@@ -207,27 +239,49 @@ def _prepare_streaming(args, model_path: str, t0: float) -> int:
         out = prepare_pretrained(model_path, args.out, qc, lc, calib=_calibration(args, tok), resume=True,
                                  dtype=torch.float32, progress=not args.no_progress, tokenizer=tok)
     except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(_cli_words(str(e))) from None
     print(f"time: total {time.perf_counter() - t0:.1f}s | peak memory: {_peak_rss_mib():.0f} MiB resident (process)")
     print(f"wrote {out}")
     return 0
 
 
 def cmd_export(args) -> int:
-    """``cloq export CHECKPOINT --format gptq|merged --out DIR [--checkpoint-format gptq|gptq_v2]``."""
-    from .export import export_gptq, export_merged
+    """``cloq export CHECKPOINT --format gptq|merged --out DIR [--checkpoint-format gptq|gptq_v2] [--overwrite]``."""
+    from .export import export_gptq, export_merged, is_cloq_export
 
-    model, tok, _ = _load_checkpoint(args.checkpoint)
     out = args.out or f"{args.checkpoint.rstrip('/')}-{args.format}"
-    if args.format == "gptq":
-        export_gptq(model, out, checkpoint_format=args.checkpoint_format, tokenizer=tok)
-    else:
-        export_merged(model, out, tokenizer=tok)
+    _check_out(out, args.overwrite, [args.checkpoint], recognise=is_cloq_export, what="cloq export")
+    model, tok, _ = _load_checkpoint(args.checkpoint)
+    try:
+        if args.format == "gptq":
+            export_gptq(model, out, checkpoint_format=args.checkpoint_format, tokenizer=tok, overwrite=args.overwrite)
+        else:
+            export_merged(model, out, tokenizer=tok, overwrite=args.overwrite)
+    except ValueError as e:
+        raise CLIError(_cli_words(str(e))) from None
     print(f"wrote {out} ({args.format})")
     return 0
 
 
-def _prepare_from_gptq(args) -> int:
+def _gptq_conflicts(given: dict, gptq_dir: str) -> None:
+    """Quantization options given with --from-gptq that contradict the checkpoint (its Q is kept
+    as it is, so they would be ignored)."""
+    from .gptq_format import read_gptq_config
+
+    try:
+        cfg = read_gptq_config(gptq_dir)
+    except ValueError as e:
+        raise CLIError(f"--from-gptq {gptq_dir}: {e}") from None
+    theirs = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym, "quantizer": "gptq"}
+    clash = [k for k, v in given.items() if theirs[k] != v]
+    if clash:
+        words = ", ".join(_OPTION[k] if k == "sym" else f"{_OPTION[k]} {given[k]}" for k in clash)
+        held = f"{cfg.bits}-bit, group size {cfg.group_size}, {'sym' if cfg.sym else 'asym'}"
+        raise CLIError(f"{words} conflicts with the --from-gptq checkpoint ({held}), whose Q is kept as it is: "
+                       f"leave {', '.join(_OPTION[k] for k in clash)} out")
+
+
+def _prepare_from_gptq(args, given: dict) -> int:
     """``cloq prepare --from-gptq DIR --model ORIG --out OUT``: keep DIR's Q, calibrated init against ORIG."""
     from .config import LoRAConfig
     from .export import prepare_from_gptq
@@ -236,12 +290,16 @@ def _prepare_from_gptq(args) -> int:
 
     if not args.model:
         raise CLIError("--from-gptq needs --model: the original full-precision model the checkpoint came from")
+    _gptq_conflicts(given, args.from_gptq)
     t0 = time.perf_counter()
     model, tok = data.load_model(args.model)
     fields = {k: v for k, v in _init_fields(args).items() if k != "requant_rounds"}  # Q is kept
     lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=args.init, **fields)
     calib = _calibration(args, tok, model.config) if lc.init.value in ("cloq", "quailora") else None
-    prepare_from_gptq(model, args.from_gptq, lc, calib=calib, progress=not args.no_progress)
+    try:
+        prepare_from_gptq(model, args.from_gptq, lc, calib=calib, progress=not args.no_progress)
+    except ValueError as e:
+        raise CLIError(str(e).replace("the model's", "--model's").replace("the model", "--model")) from None
     model.cloq_config["base_model"] = os.path.abspath(args.model)
     attach_quantization_config(model)
     save_pretrained(model, args.out, tokenizer=tok, overwrite=args.overwrite)
@@ -301,6 +359,7 @@ def cmd_compare(args) -> int:
     from .hf import prepare_model
     from .variants import resolve_variant
 
+    quant_defaults(args)
     _check_seq_len(args.seq_len)
     base, tok = data.load_model(args.model)
     calib = _calibration(args, tok, base.config)
@@ -361,9 +420,14 @@ def _plot(results, metric, path, args) -> None:
 # -- finetune ---------------------------------------------------------------------------------------
 def cmd_finetune(args) -> int:
     from .finetune import finetune
+    from .hf.output_dir import check_free_space
+    from .hf.peft_interop import export_peft_adapter
+    from .hf.persistence import WEIGHTS_NAME, save_pretrained
 
     out = args.out or os.path.abspath(args.checkpoint).rstrip("/") + "-ft"
     out = _check_out(out, args.overwrite, [args.checkpoint])
+    # The result is the size of the checkpoint (+ its adapter): refuse now, not after training.
+    check_free_space(out, 2 * os.path.getsize(os.path.join(args.checkpoint, WEIGHTS_NAME)))
     model, tok, qcfg = _load_checkpoint(args.checkpoint)
     base, base_tok = _base_model(None, qcfg)
     tok = tok or base_tok
@@ -373,22 +437,37 @@ def cmd_finetune(args) -> int:
     losses = finetune(model, base, tok, paras, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                       seq_len=args.seq_len, causal=ev.causal)
     after = ev.score(model)
-    from .hf.peft_interop import export_peft_adapter
-    from .hf.persistence import save_pretrained
-
     save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
-    export_peft_adapter(model, os.path.join(out, "adapter"))
+    export_peft_adapter(model, os.path.join(out, "adapter"), overwrite=True)  # inside the --out just written
     m = ev.metric
     print(_table([["before", before[m]], ["after", after[m]], ["full precision", ev.base_score[m]]], ["model", m]))
-    gap_before = abs(ev.base_score[m] - before[m])
-    gap_after = abs(ev.base_score[m] - after[m])
-    if gap_before > 0:
-        print(f"fine-tuning recovered {100 * (1 - gap_after / gap_before):.1f}% of the gap to full precision "
-              f"({args.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+    print(gap_summary(m, before[m], after[m], ev.base_score[m])
+          + f" ({args.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")
     print(f"wrote {out} (checkpoint) and {out}/adapter (PEFT adapter)")
     if args.json:
         print(json.dumps({"before": before, "after": after, "full_precision": ev.base_score, "losses": losses}))
     return 0
+
+
+HIGHER_IS_BETTER = {"perplexity": False, "cosine": True, "spearman": True}
+
+
+def gap_summary(metric: str, before: float, after: float, full: float) -> str:
+    """One line on how fine-tuning moved ``metric`` relative to the full-precision model's: the share
+    of the gap closed, or that it went past full precision (the held-out text then rewards fitting
+    this text, which the full-precision model never saw, not recovering from quantization)."""
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    gap_before, gap_after = sign * (full - before), sign * (full - after)  # > 0: worse than full precision
+    if gap_before <= 0:
+        return (f"the model already matched full precision before fine-tuning ({metric} {before:.4f}, full "
+                f"precision {full:.4f}); after: {after:.4f}")
+    if gap_after < 0:
+        return (f"fine-tuning closed the whole gap to full precision and went {abs(full - after):.4f} past it "
+                f"({metric} {before:.4f} -> {after:.4f}, full precision {full:.4f})")
+    share = 100 * (1 - gap_after / gap_before)
+    if share < 0:
+        return f"fine-tuning widened the gap to full precision by {-share:.1f}% ({metric} {before:.4f} -> {after:.4f})"
+    return f"fine-tuning recovered {share:.1f}% of the gap to full precision"
 
 
 # -- bench ------------------------------------------------------------------------------------------

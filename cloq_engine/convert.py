@@ -62,6 +62,7 @@ class LayerInit:
     B: torch.Tensor
     quantize_s: float = 0.0
     init_s: float = 0.0
+    one_shot_qw: Optional[QuantizedWeight] = None  # the plain quantizer's Q when re-quantization replaced it
 
 
 def split_rows(qw: QuantizedWeight, sizes: Sequence[int]) -> List[QuantizedWeight]:
@@ -128,10 +129,12 @@ def quantize_and_init(weights: Sequence[torch.Tensor], quant_config: QuantConfig
         # LoftQ and joint re-quantization quantize inside their alternation: one layer at a time.
         out = []
         for W, name in zip(weights, names):
-            t = {}
-            qw, A, B = init_mod.initialize(W.float(), quant_config, lora_config, Hf, name=name, timings=t)
+            t, plain = {}, []
+            qw, A, B = init_mod.initialize(W.float(), quant_config, lora_config, Hf, name=name, timings=t,
+                                           one_shot=plain)
             A, B = balance_factors(A, B, lora_config, lora_config.rank if name is None else lora_config.rank_for(name))
-            out.append(LayerInit(qw, A, B, quantize_s=t["quantize_s"], init_s=t["init_s"]))
+            out.append(LayerInit(qw, A, B, quantize_s=t["quantize_s"], init_s=t["init_s"],
+                                 one_shot_qw=plain[0] if plain and lora_config.requant_rounds else None))
         return out
     t0 = time.perf_counter()
     qws = quantize_group(weights, quant_config, Hf)

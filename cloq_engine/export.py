@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from . import gptq_format
-from .hf.output_dir import check_output_dir, write_dir_atomically
+from .hf.output_dir import EXPORT_MARKER, check_output_dir, is_cloq_export, write_dir_atomically
+from .hf.record import state_nbytes, superseded_weights
 from .config import LoRAConfig, QuantConfig, QuantMethod
 from .formats import QuantizedWeight
 from .nn import QuantLoRALinear, linear_weight
@@ -41,31 +42,33 @@ def quant_config_for(cfg: gptq_format.GPTQCheckpointConfig) -> QuantConfig:
 
 
 def prepare_from_gptq(model: nn.Module, gptq_dir: str, lora_config: LoRAConfig, calib: Optional[Iterable] = None,
-                      progress: bool = False) -> nn.Module:
+                      progress: bool = False, max_error: Optional[float] = None) -> nn.Module:
     """Replace the layers that ``gptq_dir`` quantized by :class:`QuantLoRALinear` holding exactly its Q,
     with LoRA factors initialised by ``lora_config.init`` against ``model``'s original weights.
 
     ``model`` is the original full-precision model the checkpoint was made from (layer names must
     match). Calibrated inits ("cloq", "quailora") need ``calib`` and run block by block as
     :func:`~cloq_engine.hf.prepare_model` does; ``requant_rounds`` is ignored (Q is kept).
+
+    Refused with ValueError before any work (:func:`check_checkpoint_fits`): a checkpoint whose
+    layer names or shapes differ from ``model``'s, that leaves out layers ``lora_config`` targets,
+    or whose Q is farther from ``model``'s W than ``max_error`` (default: per layer, the smaller of
+    1 and 4x the error of quantizing W itself at the checkpoint's bits and group size).
     """
     from . import calib as calib_mod
     from . import init as init_mod
     from .convert import mark_trainable, replace_modules
     from .hf.prepare import LayerBuilder, PrepareReport, run_sequential
 
+    from .hf.checks import check_finite_weights
+
     cfg = gptq_format.read_gptq_config(gptq_dir)
     quant_config = quant_config_for(cfg)
+    check_finite_weights(model)
     imported: Dict[str, QuantizedWeight] = gptq_format.load_gptq_weights(gptq_dir)
+    check_checkpoint_fits(model, imported, quant_config, lora_config, max_error=max_error)
     modules = dict(model.named_modules())
-    missing = [n for n in imported if n not in modules]
-    if missing:
-        raise ValueError(f"the GPTQ checkpoint has layers the model lacks (is --model the original?): {missing[:5]}")
     targets = list(imported)
-    for name in targets:
-        W = linear_weight(modules[name])
-        if tuple(W.shape) != tuple(imported[name].shape):
-            raise ValueError(f"layer {name!r}: the model's weight is {tuple(W.shape)}, the checkpoint's {tuple(imported[name].shape)}")
     spec = init_mod.get_init(lora_config.init)
     if spec.requantizes:
         raise ValueError(f"init={lora_config.init.value!r} re-quantizes W; an imported Q is kept: use cloq, quailora, svd or zero")
@@ -102,6 +105,60 @@ def prepare_from_gptq(model: nn.Module, gptq_dir: str, lora_config: LoRAConfig, 
     model.cloq_config = {"quant": quant_config.to_dict(), "lora": lora_config.to_dict(), "targets": targets,
                          "gptq_source": os.path.abspath(gptq_dir)}
     return model
+
+
+FIT_ROWS = 256  # rows of each weight the fit check measures (rows quantize independently)
+FIT_VS_RTN = 4.0  # a checkpoint made from this W is within this factor of W's own RTN error
+
+
+def _relative_error(W: torch.Tensor, Q: torch.Tensor) -> float:
+    return float((W - Q).norm() / W.norm().clamp(min=1e-30))
+
+
+def check_checkpoint_fits(model: nn.Module, imported: Dict[str, QuantizedWeight], quant_config: QuantConfig,
+                          lora_config: LoRAConfig, max_error: Optional[float] = None) -> None:
+    """Refuse a GPTQ checkpoint that was not made from ``model``, saying by how much it differs:
+    layer names, shapes, layers it leaves out of ``lora_config``'s targets, and the relative
+    weight error ||W - Q|| / ||W|| (Q of another model is farther from W than zero is: >= 1)."""
+    from .hf.targets import find_targets
+    from .quant import quantize_weight
+
+    modules = dict(model.named_modules())
+    unknown = [n for n in imported if n not in modules]
+    if unknown:
+        raise ValueError(f"the GPTQ checkpoint has {len(unknown)} of its {len(imported)} layers under names the model "
+                         f"lacks, e.g. {unknown[:3]}: it was made from another model (pass the original)")
+    shapes = [(n, tuple(linear_weight(modules[n]).shape), tuple(q.shape)) for n, q in imported.items()
+              if tuple(linear_weight(modules[n]).shape) != tuple(q.shape)]
+    if shapes:
+        n, mine, theirs = shapes[0]
+        raise ValueError(f"{len(shapes)} of the GPTQ checkpoint's {len(imported)} layers differ in shape from the "
+                         f"model's, e.g. {n!r}: the model's weight is {mine}, the checkpoint's {theirs}")
+    wanted = find_targets(model, lora_config)
+    left_out = [t for t in wanted if t not in imported]
+    if left_out:
+        raise ValueError(f"the GPTQ checkpoint quantizes {len(wanted) - len(left_out)} of the {len(wanted)} layers "
+                         f"the LoRA config targets; {len(left_out)} are missing, e.g. {left_out[:3]}: was it made from "
+                         "this model? (or narrow `target_modules` / `exclude` to the layers it holds)")
+    rtn = QuantConfig(bits=quant_config.bits, group_size=quant_config.group_size, method="rtn", sym=quant_config.sym)
+    bad = []
+    with torch.no_grad():
+        for name, qw in imported.items():
+            W = linear_weight(modules[name]).detach().float()
+            rows = torch.linspace(0, W.shape[0] - 1, min(FIT_ROWS, W.shape[0])).long()
+            Q = qw.dequantize(torch.float32).to(W.device)[rows]
+            W = W[rows]
+            err = _relative_error(W, Q)
+            own = _relative_error(W, quantize_weight(W, rtn).dequantize(torch.float32))
+            limit = max_error if max_error is not None else min(1.0, FIT_VS_RTN * own)
+            if err > limit:
+                bad.append((err, name, own, limit))
+    if bad:
+        err, name, own, limit = max(bad)
+        raise ValueError(f"the GPTQ checkpoint's Q does not fit the model's weights in {len(bad)} of {len(imported)} "
+                         f"layers, worst {name!r}: ||W - Q|| / ||W|| = {err:.3f} where {quant_config.bits}-bit "
+                         f"g{quant_config.group_size} rounding of W itself gives {own:.3f} (limit {limit:.3f}): "
+                         "was it made from another model?")
 
 
 # ---- export -------------------------------------------------------------------------------------
@@ -144,13 +201,15 @@ def resolve_checkpoint_format(model: nn.Module, checkpoint_format: str = "auto")
     return "gptq_v2"
 
 
-def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "auto", tokenizer=None) -> str:
+def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "auto", tokenizer=None,
+                overwrite: bool = False) -> str:
     """Write ``model``'s quantized base in the GPTQ layout and its LoRA factors as a PEFT adapter.
 
     ``out_dir/model.safetensors``, ``config.json`` (``quantization_config``: quant_method "gptq"),
     ``quantize_config.json``; ``out_dir/adapter/`` the PEFT adapter. Format "gptq" (v1) is what
     AutoGPTQ, transformers/optimum and vLLM read; "gptq_v2" (GPTQModel) stores exact zeros; "auto"
-    (default) writes v1 when the zeros fit it and v2 otherwise.
+    (default) writes v1 when the zeros fit it and v2 otherwise. ``overwrite``: replace a previous
+    export at ``out_dir`` (its other files are kept); anything else there is refused.
     """
     from safetensors.torch import save_file
 
@@ -170,10 +229,11 @@ def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "auto",
     gcfg = gptq_format.GPTQCheckpointConfig(
         bits=first.bits, group_size=first.group_size, desc_act=any(m.perm is not None for m in layers.values()),
         sym=bool(first.quant_config.sym), checkpoint_format=checkpoint_format)
-    target = _safe_target(model, out_dir)
+    target = _safe_target(model, out_dir, overwrite)
 
     def write(tmp: str) -> None:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        _write_marker(tmp, "gptq", model)
         with open(os.path.join(tmp, "quantize_config.json"), "w") as f:
             json.dump(gcfg.to_json(), f, indent=2)
         config = getattr(model, "config", None)
@@ -184,34 +244,50 @@ def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "auto",
                 json.dump(d, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        export_peft_adapter(model, os.path.join(tmp, ADAPTER_DIR))
+        export_peft_adapter(model, os.path.join(tmp, ADAPTER_DIR), base=target)  # the GPTQ base beside it
 
-    write_dir_atomically(target, write)
+    lora_bytes = sum(m.lora_A.numel() * m.lora_A.element_size() + m.lora_B.numel() * m.lora_B.element_size()
+                     for m in layers.values())
+    write_dir_atomically(target, write, nbytes=state_nbytes(state) + lora_bytes, superseded=superseded_weights)
     logger.info("exported %d GPTQ layers (%d-bit, %s) and the adapter to %s", len(layers), gcfg.bits,
                 checkpoint_format, out_dir)
     return out_dir
 
 
-def export_merged(model: nn.Module, out_dir: str, tokenizer=None, dtype: Optional[torch.dtype] = None) -> str:
-    """The dense model with the adapter merged in (``merge_and_unload``), saved with ``save_pretrained``."""
+def export_merged(model: nn.Module, out_dir: str, tokenizer=None, dtype: Optional[torch.dtype] = None,
+                  overwrite: bool = False) -> str:
+    """The dense model with the adapter merged in (``merge_and_unload``), saved with ``save_pretrained``.
+    ``overwrite`` as in :func:`export_gptq`."""
     from .hf.merge import merge_and_unload
 
-    target = _safe_target(model, out_dir)
+    target = _safe_target(model, out_dir, overwrite)
     dense = merge_and_unload(model, dtype=dtype)
 
     def write(tmp: str) -> None:
         dense.save_pretrained(tmp)
+        _write_marker(tmp, "merged", model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    write_dir_atomically(target, write)
+    nbytes = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
+    write_dir_atomically(target, write, nbytes=nbytes, superseded=superseded_weights)
     return out_dir
 
 
-def _safe_target(model: nn.Module, out_dir: str) -> str:
-    """Exports go to a new or empty directory (never the source checkpoint, the working directory or
-    a directory holding anything else); written next to it and swapped in atomically."""
+def _write_marker(directory: str, fmt: str, model: nn.Module) -> None:
+    """What tells a later export that this directory is ours to replace (``--overwrite``)."""
+    record = getattr(model, "cloq_config", None) or {}
+    with open(os.path.join(directory, EXPORT_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"format": fmt, "base_model": record.get("base_model")}, f, indent=2)
+        f.write("\n")
+
+
+def _safe_target(model: nn.Module, out_dir: str, overwrite: bool) -> str:
+    """Exports go to a new or empty directory, or replace a previous export with ``overwrite``
+    (never the source checkpoint, the working directory or a directory holding anything else);
+    written next to it and swapped in atomically."""
     from .hf.persistence import protected_inputs
 
-    return check_output_dir(out_dir, overwrite=False, inputs=protected_inputs(model))
+    return check_output_dir(out_dir, overwrite=overwrite, inputs=protected_inputs(model), recognise=is_cloq_export,
+                            what="cloq export")
 

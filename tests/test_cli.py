@@ -25,6 +25,7 @@ def _run(*argv):
     (["prepare", "--rank", "0", "--out", "x"], "--rank"),
     (["prepare", "--quantizer", "awq", "--out", "x"], "--quantizer"),
     (["prepare", "--model", "/no/such/dir", "--out", "x"], "--model"),
+    (["prepare", "--model", __file__, "--out", "x"], "is a file; expected a directory"),
     (["eval", "/no/such/ckpt"], "checkpoint"),
     (["finetune", ".", "--steps", "-3"], "--steps"),
 ])
@@ -116,6 +117,7 @@ def test_decoder_prepare_eval_finetune_report_perplexity(tiny_causal_dir, tmp_pa
     code, _, stderr = _run("prepare", "--model", str(tiny_causal_dir), "--bits", "4", "--group-size", "32",
                            "--out", str(ck), "--samples", "4", "--seq-len", "32", "--no-progress")
     assert code == 0, stderr
+    assert "Loading weights" not in stderr  # transformers' own bar obeys --no-progress too
     code, stdout, stderr = _run("eval", str(ck), "--samples", "4", "--json")
     assert code == 0, stderr
     res = json.loads(stdout.strip().splitlines()[-1])
@@ -200,3 +202,115 @@ def test_eval_refuses_a_quantized_base(tmp_path):
     other = _fake_checkpoint(tmp_path / "other")
     with pytest.raises(commands.CLIError, match="is a cloq checkpoint, not full precision"):
         commands._base_model(None, {"base_model": str(other)})
+
+
+# -- signals, space, summaries -------------------------------------------------------------------
+def test_sigterm_is_handled_like_an_interrupt_staging_removed_exit_143(tmp_path, monkeypatch, capsys):
+    import signal
+    import time
+
+    import safetensors.torch
+
+    from tiny_models import tiny_llama_dir
+
+    model = tiny_llama_dir(tmp_path / "m")
+
+    def killed(tensors, filename, metadata=None):  # SIGTERM arrives while the weights are written
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["prepare", "--model", model, "--out", str(tmp_path / "ck"), "--quantizer", "rtn", "--init", "zero",
+                 "--group-size", "32", "--rank", "4", "--samples", "2", "--seq-len", "32", "--no-progress"])
+    assert code == 143
+    assert "terminated (SIGTERM); nothing was written" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no .ck.tmp-* staging directory left
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_finetune_checks_free_space_before_training(tmp_path, monkeypatch, capsys):
+    import collections
+
+    from cloq_engine.hf import output_dir
+
+    ckpt = _fake_checkpoint(tmp_path / "ckpt")
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 4096)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(output_dir.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
+    assert main(["finetune", str(ckpt), "--out", str(tmp_path / "ft")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not enough free space to write" in err and str(tmp_path / "ft") in err
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("metric, before, after, full, words", [
+    ("perplexity", 20.0, 15.0, 10.0, "recovered 50.0% of the gap"),
+    ("perplexity", 20.0, 9.0, 10.0, "closed the whole gap to full precision and went 1.0000 past it"),  # was -2131.5%
+    ("perplexity", 20.0, 30.0, 10.0, "widened the gap to full precision by 100.0%"),
+    ("perplexity", 9.0, 8.0, 10.0, "already matched full precision before fine-tuning"),
+    ("cosine", 0.90, 0.95, 1.0, "recovered 50.0% of the gap"),
+])
+def test_finetune_gap_summary_is_right_on_both_sides_of_full_precision(metric, before, after, full, words):
+    from cloq_engine.commands import gap_summary
+
+    line = gap_summary(metric, before, after, full)
+    assert words in line and "-" not in line.split("(")[0].replace("fine-tuning", "")
+
+
+def test_help_and_version_answer_without_importing_torch():
+    code = ("import sys\nfrom cloq_engine import cli\n"
+            "for argv in (['--help'], ['--version']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.splitlines()
+    assert out[-1] == "False False"  # before: --help imported torch (2 s)
+    usage = "\n".join(out)
+    assert "{prepare,eval,compare,finetune,export,bench}" in usage and "export" in usage.split("positional")[0]
+    assert any(line.startswith("cloq-engine ") for line in out)
+
+
+def test_the_package_has_no_import_cycle():
+    """Every import (module level or deferred inside a function) follows the data flow; the last
+    circle was hf/persistence <-> hf/quantizer."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    mods = {}
+    for path in (root / "cloq_engine").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for mod, path in mods.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                target = f"{base}.{node.module}" if node.module else base
+                deps |= {f"{target}.{a.name}" if f"{target}.{a.name}" in mods else target for a in node.names}
+        # package __init__ files only re-export: an edge into one is not a dependency on its siblings
+        graph[mod] = {d for d in deps if d in mods and d != mod and mods[d].name != "__init__.py"}
+    seen, stack = set(), []
+
+    def visit(m):
+        if m in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+        if m in seen:
+            return
+        stack.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        stack.pop()
+        seen.add(m)
+
+    for m in sorted(graph):
+        visit(m)

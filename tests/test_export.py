@@ -63,6 +63,25 @@ def test_prepare_from_gptq_keeps_q_and_calibrates_the_adapter_against_the_origin
     assert (y_imp - y_ref).norm() < (y_zero - y_ref).norm()
 
 
+def test_prepare_from_gptq_refuses_the_checkpoint_of_another_model_saying_by_how_much(tmp_path):
+    """Same architecture and names, other weights: before, it was imported ("kept the Q of 14 layers")."""
+    export.export_gptq(_prepared(init="zero"), str(tmp_path / "gptq"), checkpoint_format="gptq_v2")
+    with pytest.raises(ValueError, match=r"does not fit the model's weights in 14 of 14 layers, worst .*"
+                                         r"\|\|W - Q\|\| / \|\|W\|\| = 1\.\d+ where 4-bit g32 rounding of W itself gives "
+                                         r"0\.\d+ \(limit 0\.\d+\)"):
+        export.prepare_from_gptq(tiny_model("llama", seed=7), str(tmp_path / "gptq"), ce.LoRAConfig(rank=4, init="zero"))
+
+
+def test_prepare_from_gptq_refuses_a_checkpoint_leaving_out_targeted_layers(tmp_path):
+    src = tiny_model("llama")
+    ce.prepare_model(src, ce.QuantConfig(bits=4, group_size=32, method="rtn"),
+                     ce.LoRAConfig(rank=4, init="zero", exclude=("lm_head", "o_proj")))
+    export.export_gptq(src, str(tmp_path / "gptq"), checkpoint_format="gptq_v2")
+    with pytest.raises(ValueError, match="quantizes 12 of the 14 layers the LoRA config targets; 2 are missing, "
+                                         "e.g. \\['model.layers.0.self_attn.o_proj'"):
+        export.prepare_from_gptq(tiny_model("llama"), str(tmp_path / "gptq"), ce.LoRAConfig(rank=4, init="zero"))
+
+
 def test_prepare_from_gptq_rejects_a_model_without_the_layers(tmp_path):
     src = _prepared(init="zero")
     export.export_gptq(src, str(tmp_path / "gptq"), checkpoint_format="gptq_v2")
@@ -105,7 +124,7 @@ def test_export_auto_format_writes_v1_when_the_zeros_fit_it_and_v2_otherwise(tmp
             export.export_gptq(model, str(tmp_path / "v1"), checkpoint_format="gptq")
 
 
-def test_cli_prepare_export_and_prepare_from_gptq_end_to_end(tmp_path):
+def test_cli_prepare_export_and_prepare_from_gptq_end_to_end(tmp_path, capsys):
     """`cloq prepare` -> `cloq export --format gptq` -> `cloq prepare --from-gptq` on a model directory:
     the imported checkpoint keeps the exported Q bit for bit and gets a calibrated (non-zero) adapter."""
     from transformers import AutoModelForCausalLM
@@ -117,6 +136,18 @@ def test_cli_prepare_export_and_prepare_from_gptq_end_to_end(tmp_path):
     assert cli.main(["prepare", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "ck"), "--sym",
                      "--act-order", *small]) == 0
     assert cli.main(["export", str(tmp_path / "ck"), "--format", "gptq", "--out", str(tmp_path / "gq")]) == 0
+    (tmp_path / "gq" / "notes.txt").write_text("mine")
+    assert cli.main(["export", str(tmp_path / "ck"), "--format", "gptq", "--out", str(tmp_path / "gq")]) == 1
+    assert "holds a cloq export: pass --overwrite to replace it" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "ck"), "--format", "gptq", "--out", str(tmp_path / "gq"),
+                     "--overwrite"]) == 0
+    assert (tmp_path / "gq" / "notes.txt").read_text() == "mine"
+    # --from-gptq keeps the checkpoint's Q: a --bits that contradicts it is an error, not ignored
+    assert cli.main(["prepare", "--from-gptq", str(tmp_path / "gq"), "--model", str(tmp_path / "m"),
+                     "--out", str(tmp_path / "re"), *small[2:], "--bits", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "--bits 4 conflicts with the --from-gptq checkpoint (2-bit, group size 32, sym)" in err
+    assert not (tmp_path / "re").exists()
     qcfg = json.loads((tmp_path / "gq" / "quantize_config.json").read_text())
     assert qcfg["checkpoint_format"] == "gptq" and qcfg["sym"]  # symmetric: v1 fits
     assert (tmp_path / "gq" / "adapter" / "adapter_config.json").is_file()

@@ -33,6 +33,30 @@ def check_not_prepared(model: nn.Module) -> None:
                          f"e.g. {layers[0]!r}): load the full-precision model again to prepare it differently")
 
 
+def nonfinite_counts(name: str, t: torch.Tensor) -> Optional[str]:
+    """``"name (3 NaN, 1 Inf)"`` when the floating tensor ``t`` holds NaN or Inf values, else None."""
+    if not t.is_floating_point() or t.device.type == "meta" or bool(torch.isfinite(t).all()):
+        return None
+    nan = int(torch.isnan(t).sum())
+    inf = t.numel() - nan - int(torch.isfinite(t).sum())
+    parts = [f"{nan} NaN"] * bool(nan) + [f"{inf} Inf"] * bool(inf)
+    return f"{name} ({', '.join(parts)})"
+
+
+def raise_nonfinite(bad: List[str], source: str) -> None:
+    if bad:
+        raise ValueError(f"{source} has NaN or Inf weights in {len(bad)} tensor(s): {'; '.join(bad)}: "
+                         "quantizing them gives NaN outputs; repair or re-download the model")
+
+
+@torch.no_grad()
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with NaN or Inf in any parameter before calibration (which would only reach
+    the bad layer after every block before it), naming every bad tensor."""
+    bad = [b for n, p in model.named_parameters() if (b := nonfinite_counts(n, p)) is not None]
+    raise_nonfinite(bad, "the model")
+
+
 def _input_ids(sample) -> Optional[torch.Tensor]:
     if isinstance(sample, torch.Tensor):
         return sample
@@ -170,6 +194,7 @@ def guarded(prepare):
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
         check_not_prepared(model)
+        check_finite_weights(model)
         if not isinstance(lora_config, LoRAConfig):
             return prepare(model, quant_config, lora_config, calib, *args, **kwargs)  # prepare_model says why
         targets = find_targets(model, lora_config)

@@ -10,7 +10,12 @@
   by :func:`recover_interrupted` on the next save or load.
 * Staging directories are named ``.<target>.tmp-<hex>`` / ``.<target>.old-<hex>`` and hold a
   marker file with the writer's pid; leftovers of dead writers are removed on the next run.
-  Nothing else is ever deleted.
+* Replacing a previous output keeps every file of it that the new write does not produce (a
+  tokenizer, a README, an ``adapter/``): they are linked (or copied) into the staging directory
+  before the swap. Only the files the writer replaces, and those it names as ``superseded`` (the
+  shards of older weights), go. Nothing else is ever deleted.
+* :func:`check_free_space` runs before a write; a write that still runs out of space fails with
+  one line naming the directory (:class:`NoSpaceError`), leaving the previous output in place.
 """
 from __future__ import annotations
 
@@ -23,11 +28,19 @@ import os
 import re
 import secrets
 import shutil
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 logger = logging.getLogger(__name__)
 
 MARKER = ".cloq-staging"  # inside every staging directory: the pid of the process writing it
+SPACE_SLACK = 16 * 2**20  # headroom over a write's estimated bytes: configs, tokenizer files, metadata
+
+
+class NoSpaceError(OSError):
+    """Not enough free space for an output: the message names the directory and the bytes needed."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "no space left on device"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +66,27 @@ def is_cloq_adapter(path: str) -> bool:
             return "cloq_quant" in (f.metadata() or {})
     except (OSError, SafetensorError):
         return False
+
+
+EXPORT_MARKER = "cloq_export.json"  # in `cloq export` outputs: {"format": "gptq" | "merged", "source": ...}
+
+
+def is_cloq_export(path: str) -> bool:
+    """True for a directory written by :func:`cloq_engine.export.export_gptq` / ``export_merged``
+    (its ``cloq_export.json``), or a GPTQ export of an older cloq-engine (GPTQ config + a cloq
+    adapter in ``adapter/``)."""
+    try:
+        with open(os.path.join(path, EXPORT_MARKER), encoding="utf-8") as f:
+            return isinstance(json.load(f).get("format"), str)
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            record = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (isinstance(record, dict) and record.get("quant_method") == "gptq"
+            and is_cloq_adapter(os.path.join(path, "adapter")))
 
 
 def _is_within(inner: str, outer: str) -> bool:
@@ -251,13 +285,84 @@ def _normal_permissions(root: str) -> None:
             os.chmod(os.path.join(folder, name), mode)
 
 
-def write_dir_atomically(target: str, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp)`` into a staging directory next to ``target``, then swap it in."""
+# ---------------------------------------------------------------------------------------------
+# Free space
+# ---------------------------------------------------------------------------------------------
+def _human(nbytes: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_free_space(target, nbytes: int) -> None:
+    """Raise :class:`NoSpaceError` when the file system that will hold ``target`` has less than
+    ``nbytes`` (+ headroom for side files) free: before the write, not after a long run."""
+    target = os.path.abspath(os.fspath(target))
+    where = _nearest_existing(os.path.dirname(target))
+    free = shutil.disk_usage(where).free
+    need = int(nbytes) + SPACE_SLACK
+    if free < need:
+        raise NoSpaceError(f"not enough free space to write {target}: needs {need} bytes ({_human(need)}), "
+                           f"{free} bytes ({_human(free)}) free on {where}")
+
+
+def _is_no_space(e: BaseException) -> bool:
+    # safetensors reports ENOSPC as a SafetensorError carrying the OS message, not an OSError
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping what the writer does not replace
+# ---------------------------------------------------------------------------------------------
+def carry_over(previous: str, new: str, superseded: Callable[[str], bool] = lambda rel: False) -> list:
+    """Link (or copy) into ``new`` every file of ``previous`` that ``new`` lacks, except those
+    ``superseded(relative path)`` names; returns the relative paths carried over."""
+    carried = []
+    for folder, dirs, files in os.walk(previous):
+        rel_dir = os.path.relpath(folder, previous)
+        for name in files:
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            dst = os.path.join(new, rel)
+            if name == MARKER or os.path.lexists(dst) or superseded(rel):
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            src = os.path.join(previous, rel)
+            if os.path.islink(src):
+                os.symlink(os.readlink(src), dst)
+            else:
+                try:  # the previous directory goes away after the swap: a link costs no space
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+            carried.append(rel)
+    return carried
+
+
+def write_dir_atomically(target: str, write: Callable[[str], None], nbytes: Optional[int] = None,
+                         superseded: Callable[[str], bool] = lambda rel: False) -> None:
+    """Run ``write(tmp)`` into a staging directory next to ``target``, keep the files of a previous
+    ``target`` that it did not write (see :func:`carry_over`), then swap it in.
+
+    ``nbytes``: what ``write`` will write, checked against the free space first."""
+    if nbytes is not None:
+        check_free_space(target, nbytes)
     with staging_dir(target) as tmp:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:
+            if _is_no_space(e):
+                raise NoSpaceError(f"no space left on device while writing {os.path.abspath(target)}: "
+                                   "nothing was replaced; free some space and run again") from None
+            raise
         _normal_permissions(tmp)
+        if os.path.isdir(target):
+            kept = carry_over(target, tmp, superseded)
+            if kept:
+                logger.info("kept %d file(s) of the previous %s: %s", len(kept), target, ", ".join(kept[:5]))
         replace_dir(tmp, target)
 
 
 __all__ = ["check_output_dir", "recover_interrupted", "staging_dir", "replace_dir", "write_dir_atomically",
-           "is_cloq_checkpoint", "is_cloq_adapter"]
+           "is_cloq_checkpoint", "is_cloq_adapter", "is_cloq_export", "check_free_space", "carry_over", "NoSpaceError"]

@@ -1,14 +1,19 @@
 """PEFT interoperability: export our adapters in PEFT's format, and a PEFT LoRA layer for ours.
 
 * :func:`export_peft_adapter` writes ``adapter_config.json`` + ``adapter_model.safetensors`` with
-  PEFT's key names. Load it with ``peft.PeftModel.from_pretrained(dequantized_base(model), dir)``:
-  PEFT's LoRA on the dequantized base Ŵ computes what the quantized model computes.
-* :func:`register_peft_custom_module` registers :class:`QuantLoRALinear` with PEFT's custom-module
-  mechanism (``LoraConfig._register_custom_module``), so ``peft.get_peft_model`` can target our
-  layers directly. When the adapter's rank equals the layer's, the PEFT adapter starts from the
-  layer's calibrated factors (CLoQ/QuAILoRA init through PEFT) and the layer's own LoRA branch is
-  switched off; otherwise the layer's LoRA stays in the frozen base and PEFT's adapter starts
-  with PEFT's init.
+  PEFT's key names, naming a base ``AutoPeftModel`` can load (:data:`BASES`). PEFT's LoRA on the
+  dequantized base Ŵ, or on our quantized layers, computes what the quantized model computes.
+* :class:`PeftQuantLoRALinear` (``peft_layer_class()``) is PEFT's LoRA layer over a
+  :class:`QuantLoRALinear`. When the adapter's rank equals the layer's, the PEFT adapter starts
+  from the layer's calibrated factors (CLoQ/QuAILoRA init through PEFT) and the layer's own LoRA
+  branch is switched off; otherwise the layer's LoRA stays in the frozen base and PEFT's adapter
+  starts with PEFT's init.
+* :func:`install_peft_integration` (run by ``import cloq_engine`` once peft is imported) makes
+  PEFT find that layer by itself: every ``LoraConfig`` carries the custom-module mapping
+  (``get_peft_model`` and a plain ``PeftModel.from_pretrained`` work), and
+  ``target_modules="all-linear"`` includes our layers. PEFT has no global registry for either, so
+  two of its functions are wrapped, each calling PEFT's own first.
+  :func:`register_peft_custom_module` does the first for one config, where the wrap is unwanted.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from torch import nn
 from ..nn import QuantLoRAFunction, QuantLoRALinear
 from .merge import conv1d_names, quant_layers
 from .output_dir import check_output_dir, is_cloq_adapter, write_dir_atomically
-from .persistence import quantization_record
+from .record import quantization_record
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +54,69 @@ def _task_type(model: nn.Module) -> Optional[str]:
     return "CAUSAL_LM" if is_causal_lm(view) else "FEATURE_EXTRACTION"
 
 
-def peft_adapter_config(model: nn.Module) -> dict:
+def _checkpoint_of(model: nn.Module) -> Optional[str]:
+    """The cloq checkpoint ``model`` was loaded from or last saved to, if any."""
+    from .output_dir import is_cloq_checkpoint
+
+    record = getattr(model, "cloq_config", None) or {}
+    for path in (record.get("checkpoint"), getattr(getattr(model, "config", None), "_name_or_path", None)):
+        if path and is_cloq_checkpoint(str(path)):
+            return os.path.abspath(str(path))
+    return None
+
+
+def _original_of(model: nn.Module) -> Optional[str]:
+    record = getattr(model, "cloq_config", None) or {}
+    return record.get("base_model") or None
+
+
+# base= of export_peft_adapter -> what the adapter names as its base model, and what that means
+BASES = {
+    "checkpoint": "the cloq checkpoint the model was loaded from or saved to: exact; AutoPeftModel loads it "
+                  "through transformers after `import cloq_engine`, and the adapter replaces its LoRA factors",
+    "dequantized": "the dequantized base Ŵ, written to <adapter>/base: exact; plain transformers + peft load it",
+    "original": "the full-precision model it was prepared from: NOT what the adapter was fitted to (it "
+                "compensates W - Ŵ, so on W it adds the quantization error back); for experiments only",
+}
+
+
+def _resolve_base(model: nn.Module, base: str) -> str:
+    """The base_model_name_or_path for ``base`` ("auto": the checkpoint when there is one)."""
+    if base not in ("auto", *BASES):
+        if os.path.isdir(os.fspath(base)) or os.path.isabs(os.fspath(base)):
+            return os.path.abspath(os.fspath(base))
+        raise ValueError(f"`base` must be 'auto', one of {sorted(BASES)} or a directory; got {base!r}")
+    if base in ("auto", "checkpoint"):
+        found = _checkpoint_of(model)
+        if found or base == "checkpoint":
+            if not found:
+                raise ValueError("base='checkpoint': the model was neither loaded from nor saved to a cloq checkpoint: "
+                                 "save it first (cloq_engine.save_pretrained) or pass base='dequantized'")
+            return found
+        # Not saved anywhere: a name AutoPeftModel refuses rather than a base that silently differs
+        logger.info("the model has no checkpoint on disk: the adapter's base_model_name_or_path is a marker; "
+                    "save the model first or pass base='dequantized' for an adapter AutoPeftModel loads")
+        return DEQUANTIZED_BASE.format(source=_original_of(model) or getattr(model.config, "_name_or_path", None))
+    if base == "original":
+        original = _original_of(model)
+        if not original:
+            raise ValueError("base='original': the model records no full-precision source (`cloq_config['base_model']`)")
+        logger.warning("the adapter names the full-precision model %s as its base: %s", original, BASES["original"])
+        return original
+    return "dequantized"  # the caller writes it and names its final path
+
+
+def peft_adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
     """The ``adapter_config.json`` contents describing ``model``'s LoRA adapters."""
     record = quantization_record(model)
     lora = record["lora"]
     targets = record["targets"]
-    config = getattr(model, "config", None)
-    source = record.get("base_model") or getattr(config, "_name_or_path", None) or None
+    if base_model_name_or_path is None:
+        base_model_name_or_path = _resolve_base(model, "auto")
     return {
         "peft_type": "LORA",
         "task_type": _task_type(model),
-        # Not the full-precision model: the adapter is right only on the dequantized base, so a
-        # loader that follows this name (AutoPeftModel) fails instead of silently using W.
-        "base_model_name_or_path": DEQUANTIZED_BASE.format(source=source),
+        "base_model_name_or_path": base_model_name_or_path,
         "r": lora["rank"],
         "rank_pattern": dict(lora.get("rank_pattern") or {}),
         "lora_alpha": lora["alpha"],
@@ -76,7 +131,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
     }
 
 
-def export_peft_adapter(model: nn.Module, save_directory, overwrite: bool = True) -> str:
+def export_peft_adapter(model: nn.Module, save_directory, overwrite: bool = False, base: str = "auto") -> str:
     """Write ``model``'s LoRA factors as a PEFT adapter directory, atomically.
 
     ``adapter_model.safetensors`` holds ``base_model.model.<name>.lora_A.weight`` (r, in) and
@@ -92,7 +147,14 @@ def export_peft_adapter(model: nn.Module, save_directory, overwrite: bool = True
     record = quantization_record(model)
     target = check_output_dir(save_directory, overwrite=overwrite, inputs=[record.get("base_model")],
                               recognise=is_cloq_adapter, what="cloq PEFT adapter")
-    adapter_config = peft_adapter_config(model)
+    base_name = _resolve_base(model, base)
+    dense = None
+    if base_name == "dequantized":
+        from .merge import dequantized_base
+
+        dense = dequantized_base(model)
+        base_name = os.path.join(target, "base")  # where the swap puts it
+    adapter_config = peft_adapter_config(model, base_name)
     layers = quant_layers(model)
     missing = [t for t in record["targets"] if t not in layers]
     if missing:
@@ -105,15 +167,22 @@ def export_peft_adapter(model: nn.Module, save_directory, overwrite: bool = True
     metadata = {"format": "pt", "cloq_init": str(record["lora"]["init"]),
                 "cloq_quant": json.dumps(record["quant"], sort_keys=True),
                 "cloq_base_model": str(record.get("base_model") or ""),
-                "cloq_load_with": "peft.PeftModel.from_pretrained(cloq_engine.dequantized_base(model), adapter_dir)"}
+                "cloq_base": base_name,
+                "cloq_load_with": "peft.AutoPeftModel*.from_pretrained(adapter_dir) after `import cloq_engine`, or "
+                                  "peft.PeftModel.from_pretrained(cloq_engine.dequantized_base(model), adapter_dir)"}
 
     def write(tmp: str) -> None:
         save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata=metadata)
+        if dense is not None:
+            dense.save_pretrained(os.path.join(tmp, "base"))
         with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(adapter_config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    write_dir_atomically(target, write)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    if dense is not None:
+        nbytes += sum(t.numel() * t.element_size() for t in dense.state_dict().values())
+    write_dir_atomically(target, write, nbytes=nbytes, superseded=lambda rel: rel == "adapter_model.bin")
     logger.info("exported a PEFT adapter of %d layers to %s", len(layers), target)
     return target
 
@@ -204,3 +273,52 @@ def register_peft_custom_module(lora_config):
         raise ValueError(f"`lora_config` must be a peft.LoraConfig; got {type(lora_config).__name__}")
     lora_config._register_custom_module({QuantLoRALinear: peft_layer_class()})
     return lora_config
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT finds our layer by itself
+# ---------------------------------------------------------------------------------------------
+def _all_linear_names(model: nn.Module) -> set:
+    """Our layers "all-linear" should add: not the output embedding, not inside a PEFT layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .targets import output_embedding_names
+
+    heads = set(output_embedding_names(model))
+    wrapped = [n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    return {n for n, m in model.named_modules() if isinstance(m, QuantLoRALinear) and n not in heads
+            and not any(n.startswith(w) for w in wrapped)}
+
+
+def install_peft_integration() -> bool:
+    """Make PEFT dispatch :class:`QuantLoRALinear` without per-config registration, and let
+    ``target_modules="all-linear"`` match it (idempotent). Returns False without peft."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners import tuners_utils
+    except ImportError:
+        return False
+    if getattr(LoraConfig, "_cloq_integration", False):
+        return True
+    post_init = LoraConfig.__post_init__
+
+    @functools.wraps(post_init)
+    def __post_init__(self, *args, **kwargs):
+        post_init(self, *args, **kwargs)
+        self._register_custom_module({QuantLoRALinear: peft_layer_class()})
+
+    include_all_linear = tuners_utils._maybe_include_all_linear_layers
+
+    @functools.wraps(include_all_linear)
+    def _maybe_include_all_linear_layers(peft_config, model):
+        spec = getattr(peft_config, "target_modules", None)
+        all_linear = isinstance(spec, str) and spec.lower() == "all-linear"
+        peft_config = include_all_linear(peft_config, model)
+        if all_linear:
+            peft_config.target_modules = set(peft_config.target_modules) | _all_linear_names(model)
+        return peft_config
+
+    LoraConfig.__post_init__ = __post_init__
+    tuners_utils._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+    LoraConfig._cloq_integration = True
+    return True

@@ -15,9 +15,6 @@ are recorded in the safetensors metadata and re-tied on load.
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -26,137 +23,21 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..config import LoRAConfig, QuantConfig
-from ..convert import linear_weight, mark_trainable, replace_modules
-from ..nn import QUANT_BUFFERS, QuantLoRALinear
+from ..convert import mark_trainable
+from ..nn import QUANT_BUFFERS
 from .output_dir import check_output_dir, recover_interrupted, write_dir_atomically
+from .quantizer import attach_quantization_config
+from .record import (ALIASES_KEY, CONFIG_NAME, FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME,  # noqa: F401 (re-exported)
+                     deduplicated_state_dict, empty_quant_layer, hf_config_dict, parse_record, quantization_record,
+                     same_view, state_nbytes, storage_key, superseded_weights, swap_in_empty_layers, tensor_checksum,
+                     tie_aliases, verify_checksums)
 
 logger = logging.getLogger(__name__)
-
-QUANT_METHOD = "cloq"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-ALIASES_KEY = "cloq_aliases"  # safetensors metadata: {dropped name: kept name} for tied tensors
-FORMAT_VERSION = 1  # of the quantization record; 1 added `format_version` and `checksums`
-
-
-# ---------------------------------------------------------------------------------------------
-# The quantization record
-# ---------------------------------------------------------------------------------------------
-def quantization_record(model: nn.Module) -> dict:
-    """``{"quant_method": "cloq", "quant", "lora", "targets"}`` for a prepared model."""
-    record = getattr(model, "cloq_config", None)
-    if not isinstance(record, dict) or not {"quant", "lora", "targets"} <= set(record):
-        raise ValueError(
-            f"{type(model).__name__} has no `cloq_config`: prepare it with cloq_engine.prepare_model first"
-        )
-    out = {"quant_method": QUANT_METHOD, "quant": dict(record["quant"]), "lora": dict(record["lora"]),
-           "targets": list(record["targets"])}
-    if record.get("base_model"):  # where the full-precision model lives, for `cloq eval`
-        out["base_model"] = str(record["base_model"])
-    return out
-
-
-def parse_record(record, source: str) -> Tuple[QuantConfig, LoRAConfig, List[str]]:
-    """Validate a ``quantization_config`` dict read from ``source``; returns (QuantConfig, LoRAConfig, targets)."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{source}: `quantization_config` is missing or not an object")
-    if record.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{source}: `quantization_config.quant_method` must be {QUANT_METHOD!r}; "
-                         f"got {record.get('quant_method')!r}")
-    version = record.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ValueError(f"{source}: `quantization_config.format_version` must be a non-negative integer; got {version!r}")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{source}: `quantization_config.format_version` is {version}, newer than the {FORMAT_VERSION} "
-                         "this cloq-engine reads: upgrade cloq-engine")
-    checksums = record.get("checksums", {})
-    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
-        raise ValueError(f"{source}: `quantization_config.checksums` must map tensor names to sha256 strings")
-    for key in ("quant", "lora", "targets"):
-        if key not in record:
-            raise ValueError(f"{source}: `quantization_config.{key}` is missing")
-    targets = record["targets"]
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        raise ValueError(f"{source}: `quantization_config.targets` must be a non-empty list of module names")
-    try:
-        qc, lc = QuantConfig.from_dict(record["quant"]), LoRAConfig.from_dict(record["lora"])
-    except (TypeError, AttributeError) as e:
-        raise ValueError(f"{source}: malformed `quantization_config`: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"{source}: invalid `quantization_config`: {e}") from None
-    return qc, lc, list(targets)
 
 
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
-def tensor_checksum(t: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes as stored (row-major, its own dtype)."""
-    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data).hexdigest()
-
-
-def verify_checksums(names, get, checksums: Dict[str, str], file: str) -> None:
-    """Refuse a file whose tensors differ from the checksums recorded when it was saved.
-
-    ``names``: the tensors the file holds; ``get(name)``: one tensor (read one at a time, so a
-    lazy reader never holds the whole file twice)."""
-    missing = sorted(set(checksums) - set(names))
-    if missing:
-        raise ValueError(f"{file}: missing {len(missing)} tensor(s) recorded in `quantization_config.checksums`, "
-                         f"e.g. {missing[:5]}")
-    bad = [k for k, want in checksums.items() if tensor_checksum(get(k)) != want]
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ValueError(f"{file}: tensor {bad[0]!r} fails its checksum{more}: the file is corrupted; "
-                         "save or copy the checkpoint again")
-
-
-def _storage_key(t: torch.Tensor):
-    return (t.device, t.untyped_storage().data_ptr())
-
-
-def deduplicated_state_dict(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """The state dict with each tensor stored once: exact aliases (tied weights) are dropped and
-    returned as ``{dropped: kept}``; other tensors sharing storage are cloned."""
-    state, aliases = {}, {}
-    seen: Dict[tuple, List[str]] = {}
-    for name, t in model.state_dict().items():
-        if t.device.type == "meta":
-            raise ValueError(f"tensor {name!r} is on the meta device: the model is not fully loaded")
-        key = _storage_key(t)
-        exact = next((k for k in seen.get(key, []) if _same_view(state[k], t)), None)
-        if exact is not None:
-            aliases[name] = exact
-            continue
-        if key in seen:
-            t = t.clone()
-        seen.setdefault(_storage_key(t), []).append(name)
-        state[name] = t.contiguous()
-    return state, aliases
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
-            and a.dtype == b.dtype)
-
-
-def _hf_config_dict(model: nn.Module, record: dict) -> dict:
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        raise ValueError(f"{type(model).__name__} has no Hugging Face `config`: save_pretrained needs a transformers model")
-    config = copy.deepcopy(config)
-    config.architectures = [type(model).__name__]  # as transformers' save_pretrained records it
-    config.quantization_config = record
-    d = config.to_dict()
-    dtype = getattr(model, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        d["dtype"] = str(dtype).rpartition(".")[2]
-    d["quantization_config"] = record
-    return d
-
-
 def protected_inputs(model: nn.Module) -> List[str]:
     """Local directories ``model`` was made from (its full-precision source), which a save must not touch."""
     from .output_dir import is_cloq_checkpoint
@@ -168,7 +49,7 @@ def protected_inputs(model: nn.Module) -> List[str]:
     return [str(c) for c in candidates if c and os.path.isdir(str(c))]
 
 
-def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite: bool = True) -> str:
+def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite: bool = False) -> str:
     """Write a prepared model to ``save_directory``, atomically.
 
     Files: ``model.safetensors`` (the full state dict: packed base buffers, LoRA factors, all other
@@ -178,9 +59,14 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite:
     directory next to ``save_directory`` and swapped into place (see :mod:`.output_dir`).
 
     Args:
-        overwrite: replace a previous cloq checkpoint at ``save_directory`` (the whole directory).
-            Anything else is never replaced: a non-empty directory that is not a cloq checkpoint,
-            the working directory, the model's own source directory are refused with ValueError.
+        overwrite: replace the weights and config of a previous cloq checkpoint at
+            ``save_directory`` (default False: it is refused with ValueError). Its other files (the
+            tokenizer, an ``adapter/``, a user's notes) are kept. Anything else is never replaced:
+            a non-empty directory that is not a cloq checkpoint, the working directory, the
+            model's own source directory are refused with ValueError.
+
+    Raises :class:`~cloq_engine.hf.output_dir.NoSpaceError` (an OSError) before writing when the
+    file system lacks the space.
 
     Returns the absolute path of the checkpoint directory.
     """
@@ -193,14 +79,15 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite:
     state, aliases = deduplicated_state_dict(model)
     record = {**record, "format_version": FORMAT_VERSION,
               "checksums": {k: tensor_checksum(t) for k, t in state.items()}}
-    config_dict = _hf_config_dict(model, record)
+    config_dict = hf_config_dict(model, record)
     metadata = {"format": "pt", ALIASES_KEY: json.dumps(aliases, sort_keys=True)}
 
     def write(tmp: str) -> None:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
         write_side_files(tmp, model, config_dict, tokenizer)
 
-    write_dir_atomically(target, write)
+    write_dir_atomically(target, write, nbytes=state_nbytes(state), superseded=superseded_weights)
+    model.cloq_config["checkpoint"] = target  # what an exported adapter names as its base
     logger.info("saved %d tensors (%d tied) to %s", len(state), len(aliases), target)
     return target
 
@@ -279,38 +166,6 @@ def parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-def empty_quant_layer(name: str, module: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig,
-                      dtype: Optional[torch.dtype]) -> QuantLoRALinear:
-    """An empty QuantLoRALinear on ``meta`` shaped like ``module`` (nn.Linear or Conv1D)."""
-    try:
-        out_f, in_f = linear_weight(module).shape
-    except TypeError:
-        raise ValueError(f"target {name!r} is a {type(module).__name__}, not a linear layer") from None
-    dtype = dtype or module.weight.dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    if lora_config.rank_pattern:  # this layer's own rank (PEFT's rank_pattern)
-        lora_config = dataclasses.replace(lora_config, rank=lora_config.rank_for(name), rank_pattern={})
-    try:
-        return QuantLoRALinear(in_f, out_f, quant_config, lora_config, bias=module.bias is not None,
-                               device="meta", dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"target {name!r}: {e}") from None
-
-
-def swap_in_empty_layers(model: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig, targets: List[str],
-                         dtype: Optional[torch.dtype] = None) -> None:
-    """Replace each target of a skeleton model by an empty QuantLoRALinear on ``meta``."""
-    layers = {}
-    for name in targets:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"target {name!r} does not exist in {type(model).__name__}") from None
-        layers[name] = empty_quant_layer(name, module, quant_config, lora_config, dtype)
-    replace_modules(model, layers)
-
-
 def model_class_for(config):
     """The class recorded in ``config.architectures`` when transformers has it (the saved model's
     exact class, e.g. a sequence classifier); otherwise AutoModelForCausalLM for causal LMs, else
@@ -359,18 +214,6 @@ def _declared_ties(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str
     return {k: v for k, v in declared.items() if k not in state and v in state}
 
 
-def tie_aliases(model: nn.Module, aliases: Dict[str, str]) -> None:
-    for dropped, kept in aliases.items():
-        mod_name, _, attr = dropped.rpartition(".")
-        module = model.get_submodule(mod_name) if mod_name else model
-        src_mod, _, src_attr = kept.rpartition(".")
-        source = getattr(model.get_submodule(src_mod) if src_mod else model, src_attr)
-        if attr in module._parameters:
-            module._parameters[attr] = source
-        else:
-            module._buffers[attr] = source
-
-
 def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> nn.Module:
     """Load a checkpoint written by :func:`save_pretrained`.
 
@@ -386,31 +229,12 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
     Raises FileNotFoundError / ValueError naming the file and the problem for missing or corrupt
     files, missing or unexpected tensors and shape mismatches.
     """
-    from transformers import AutoConfig
-
     path = os.path.abspath(os.fspath(path))
-    raw = read_config(path)
-    cfg_file = os.path.join(path, CONFIG_NAME)
-    qc, lc, targets = parse_record(raw.get("quantization_config"), cfg_file)
     weights = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights}: missing")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"`dtype` must be a floating-point torch.dtype; got {dtype!r}")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{cfg_file}: not a usable transformers config ({e})") from None
+    model, raw = _skeleton(path, dtype)
     state, aliases = read_safetensors(weights, device=device or "cpu")
-
-    auto = model_class_for(config)
-    build = auto.from_config if hasattr(auto, "from_config") else auto._from_config  # Auto class / model class
-    with parameters_on_meta():
-        model = build(config, dtype=dtype) if dtype is not None else build(config)
-    swap_in_empty_layers(model, qc, lc, targets, dtype)
-    for t in targets:  # a GPTQ act-order import carries an input permutation (None otherwise)
-        if f"{t}.perm" in state:
-            model.get_submodule(t).perm = torch.empty_like(state[f"{t}.perm"], device="meta")
+    qc, lc, targets = parse_record(raw.get("quantization_config"), os.path.join(path, CONFIG_NAME))
+    cfg_file = os.path.join(path, CONFIG_NAME)
     aliases = {**_declared_ties(model, state), **aliases}
     packed = {f"{t}.{b}" for t in targets for b in QUANT_BUFFERS}
     _check_state(model, state, aliases, weights, packed)
@@ -429,12 +253,61 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise ValueError(f"{weights}: tensors left unloaded: {leftover[:5]}")
+    model.eval()
+    return model
+
+
+def _skeleton(path: str, dtype: Optional[torch.dtype]) -> Tuple[nn.Module, dict]:
+    """Checkpoint ``path``'s model with every parameter on ``meta`` (buffers computed for real), its
+    targets empty QuantLoRALinear layers, frozen but for LoRA, ``cloq_config`` set; and the raw config."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig
+
+    raw = read_config(path)
+    cfg_file = os.path.join(path, CONFIG_NAME)
+    qc, lc, targets = parse_record(raw.get("quantization_config"), cfg_file)
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights}: missing")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"`dtype` must be a floating-point torch.dtype; got {dtype!r}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{cfg_file}: not a usable transformers config ({e})") from None
+    try:
+        with safe_open(weights, framework="pt") as f:  # names and shapes only
+            perms = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith(".perm")}
+    except SafetensorError as e:
+        raise ValueError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
+    auto = model_class_for(config)
+    build = auto.from_config if hasattr(auto, "from_config") else auto._from_config  # Auto class / model class
+    with parameters_on_meta():
+        model = build(config, dtype=dtype) if dtype is not None else build(config)
+    swap_in_empty_layers(model, qc, lc, targets, dtype)
+    for t in targets:  # a GPTQ act-order import carries an input permutation (None otherwise)
+        if f"{t}.perm" in perms:
+            model.get_submodule(t).perm = torch.empty(perms[f"{t}.perm"], dtype=torch.int64, device="meta")
     mark_trainable(model)
-    model.cloq_config = {"quant": qc.to_dict(), "lora": lc.to_dict(), "targets": targets}
+    model.cloq_config = {"quant": qc.to_dict(), "lora": lc.to_dict(), "targets": targets, "checkpoint": path}
     if raw["quantization_config"].get("base_model"):
         model.cloq_config["base_model"] = raw["quantization_config"]["base_model"]
-    from .quantizer import attach_quantization_config  # quantizer imports this module
-
     attach_quantization_config(model)
-    model.eval()
+    return model, raw
+
+
+def empty_model(path, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The model of cloq checkpoint ``path`` with nothing loaded: every parameter and packed buffer
+    on ``meta``, the recorded targets empty :class:`QuantLoRALinear` layers (phase one of
+    :func:`load_pretrained`). Fill it with accelerate, which places each tensor where its
+    ``device_map`` says::
+
+        with accelerate.init_empty_weights():
+            model = cloq_engine.empty_model(path)
+        model = accelerate.load_checkpoint_and_dispatch(model, path, device_map="auto")
+
+    or with ``model.load_state_dict(state, assign=True)``. Unlike :func:`load_pretrained` this does
+    not verify the recorded checksums nor re-tie tensors stored once (call ``model.tie_weights()``).
+    """
+    model, _ = _skeleton(os.path.abspath(os.fspath(path)), dtype)
     return model

@@ -30,7 +30,8 @@ REPORT_ROWS = 256  # rows of W the "sampled" report measures
 @dataclass
 class LayerReport:
     """What preparation did to one layer. Errors are relative: ||X (W - Ŵ')^T||^2 / ||X W^T||^2,
-    with Ŵ' = Q (quantized only) and Q + scaling·B·A (after init); weight-space when no H.
+    with Ŵ' = Q (quantized only: the plain quantizer's Q, also when joint re-quantization then
+    replaced it) and Q + scaling·B·A (after init); weight-space when no H.
     With ``report="sampled"`` they are measured on at most 256 evenly spaced rows of W; NaN with
     ``report="off"``. ``quantize_s`` of layers sharing one GPTQ is that GPTQ's time split by rows."""
 
@@ -122,13 +123,16 @@ class LayerBuilder:
         if self.report_mode != "off":
             W = W.float()
             Q = init.qw.dequantize().to(W.device)
+            # The baseline is the plain quantizer's Q: a jointly re-quantized Q is fitted to
+            # W - s·B·A and far from W by design, which would overstate the adapter's gain.
+            Q0 = Q if init.one_shot_qw is None else init.one_shot_qw.dequantize().to(W.device)
             BA = self.lora_config.scaling_for_rank(init.A.shape[0]) * (init.B.float() @ init.A.float())
-            M = W - Q
+            M, M0 = W - Q, W - Q0
             if self.report_mode == "sampled" and W.shape[0] > REPORT_ROWS:
                 rows = torch.linspace(0, W.shape[0] - 1, REPORT_ROWS, device=W.device).long()
-                W, M, BA = W[rows], M[rows], BA[rows]
+                W, M, M0, BA = W[rows], M[rows], M0[rows], BA[rows]
             Hf = None if H is None else H.float()
-            err_q, err_i = relative_error(M, W, Hf), relative_error(M - BA, W, Hf)
+            err_q, err_i = relative_error(M0, W, Hf), relative_error(M - BA, W, Hf)
         self.report.layers.append(LayerReport(
             name=name, shape=tuple(init.qw.shape), err_quant=err_q, err_init=err_i,
             bits_per_weight=init.qw.bits_per_weight, quantize_s=init.quantize_s, init_s=init.init_s))
@@ -156,6 +160,7 @@ def run_sequential(model: nn.Module, targets: List[str], batches: List[dict], bu
 
     stack = calib_mod.find_block_stack(model, targets)
     done = set()
+    inputs = None
     if stack is not None:
         stack_name, blocks = stack
         t0 = time.perf_counter()
@@ -190,7 +195,10 @@ def run_sequential(model: nn.Module, targets: List[str], batches: List[dict], bu
     rest = [t for t in targets if t not in done]
     if rest:
         t0 = time.perf_counter()
-        grams = calib_mod.full_pass_grams(model, rest, batches)
+        # Outside the stack (BERT's pooler, a targeted lm_head): from the stream's final hidden
+        # states, without running the blocks again (the streaming path has freed them).
+        grams = (calib_mod.tail_grams(model, inputs, rest, batches) if inputs is not None
+                 else calib_mod.full_pass_grams(model, rest, batches))
         builder.report.capture_s += time.perf_counter() - t0
         replace_modules(model, builder.build(model, grams))
 

@@ -7,7 +7,7 @@ Registering needs ``transformers.quantizers.auto``, which takes seconds to impor
 ``import cloq_engine`` does not import it (:func:`register_when_transformers_loads`): when
 transformers has already loaded its quantizer registry the cloq quantizer is registered at once,
 otherwise a one-shot import hook registers it right after transformers imports that registry
-(which ``from_pretrained`` always does first). Then the config's ``quantization_config``
+(which ``from_pretrained`` always does first; see :mod:`cloq_engine.import_hooks`). Then the config's ``quantization_config``
 (``quant_method="cloq"``) selects :class:`CloqHfQuantizer`, which swaps the recorded target
 layers of the skeleton (built on ``meta`` by transformers) for empty :class:`QuantLoRALinear`
 modules before the weights are loaded, then freezes everything but the LoRA factors.
@@ -17,19 +17,15 @@ Only pre-quantized checkpoints load this way: quantizing needs calibration data,
 """
 from __future__ import annotations
 
-import contextlib
-import importlib.abc
-import importlib.util
 import logging
 import os
-import sys
 from typing import Optional
 
 import torch
 
 from ..convert import mark_trainable
-from .persistence import (FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, parse_record, swap_in_empty_layers,
-                          tie_aliases, verify_checksums)
+from .record import (ALIASES_KEY, FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, parse_record, quantization_record,
+                     swap_in_empty_layers, tie_aliases, verify_checksums)
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +129,6 @@ def _read_aliases(checkpoint_files) -> dict:
 
     from safetensors import SafetensorError, safe_open
 
-    from .persistence import ALIASES_KEY
-
     for file in checkpoint_files or []:
         if os.path.basename(str(file)) != WEIGHTS_NAME:
             continue
@@ -162,8 +156,6 @@ def attach_quantization_config(model) -> None:
     """Put the cloq ``quantization_config`` on ``model.config`` so that transformers' own
     ``model.save_pretrained`` (and so Trainer checkpoints) writes a checkpoint that
     ``from_pretrained`` / :func:`cloq_engine.load_pretrained` can load."""
-    from .persistence import quantization_record
-
     record = quantization_record(model)
     config = getattr(model, "config", None)
     if config is None:
@@ -201,51 +193,16 @@ def register_transformers_quantizer() -> bool:
     return True
 
 
-_REGISTRY_MODULE = "transformers.quantizers.auto"
-
-
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """One-shot import hook: lets transformers import its quantizer registry, then registers ours."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != _REGISTRY_MODULE:
-            return None
-        with contextlib.suppress(ValueError):  # one shot, and the real finders do the finding
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _RegisteringLoader(spec.loader)
-        return spec
-
-
-class _RegisteringLoader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        try:
-            register_transformers_quantizer()
-        except Exception as e:  # never break transformers' own import
-            logger.warning("could not register the cloq quantizer with transformers (%s): use "
-                           "cloq_engine.load_pretrained or call cloq_engine.register_transformers_quantizer()", e)
-
-    def __getattr__(self, name):  # get_source, is_package, ... of the real loader
-        return getattr(self._loader, name)
+REGISTRY_MODULE = "transformers.quantizers.auto"
 
 
 def register_when_transformers_loads() -> None:
     """Register the cloq quantizer now if transformers' quantizer registry is loaded, else right
-    after it is (see the module docstring). Called by ``import cloq_engine``; idempotent."""
-    if _REGISTERED:
-        return
-    if _REGISTRY_MODULE in sys.modules:
-        register_transformers_quantizer()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    after it is (see the module docstring and :mod:`cloq_engine.import_hooks`); idempotent."""
+    from ..import_hooks import after_import
+
+    if not _REGISTERED:
+        after_import(REGISTRY_MODULE, register_transformers_quantizer)
 
 
 __all__ = ["register_transformers_quantizer", "register_when_transformers_loads", "attach_quantization_config"]

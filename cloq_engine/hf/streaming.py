@@ -36,10 +36,10 @@ from torch import nn
 from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
 from ..convert import mark_trainable, replace_modules
-from .output_dir import write_dir_atomically
-from .persistence import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, _hf_config_dict, _same_view,
-                          _storage_key, empty_quant_layer, model_class_for, quantization_record, tensor_checksum,
-                          write_side_files)
+from .output_dir import check_free_space, write_dir_atomically
+from .persistence import model_class_for, write_side_files
+from .record import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, empty_quant_layer, hf_config_dict, quantization_record,
+                     same_view, state_nbytes, storage_key, superseded_weights, tensor_checksum)
 from .prepare import (REPORT_MODES, LayerBuilder, PrepareReport, check_layers, finish, needs_calibration,
                       run_sequential)
 from .targets import find_targets
@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
 MANIFEST = "progress.json"
+TAIL_FILE = "tail.safetensors"  # the targets outside the block stack, prepared after the last block
 _INDEX = "model.safetensors.index.json"
 
 
@@ -71,6 +72,22 @@ class ShardReader:
                 self.where = {k: file for k in f.keys()}
         else:
             raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} or {_INDEX} (safetensors weights are needed)")
+
+    def check_finite(self) -> None:
+        """Refuse NaN or Inf in any floating tensor of the shards, naming every bad one (one tensor
+        in memory at a time)."""
+        from safetensors import safe_open
+
+        from .checks import nonfinite_counts, raise_nonfinite
+
+        bad = []
+        for file in sorted(set(self.where.values())):
+            with safe_open(file, framework="pt") as f:
+                for k in f.keys():
+                    found = nonfinite_counts(k, f.get_tensor(k))
+                    if found is not None:
+                        bad.append(found)
+        raise_nonfinite(bad, self.path)
 
     def read(self, names: Iterable[str], device) -> Dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -208,8 +225,8 @@ def _outside_state(model: nn.Module, stack_name: str):
         if name.startswith(stack_name + "."):
             continue
         t = t.detach()
-        key = _storage_key(t)
-        exact = next((k for k in seen.get(key, []) if _same_view(state[k], t)), None)
+        key = storage_key(t)
+        exact = next((k for k in seen.get(key, []) if same_view(state[k], t)), None)
         if exact is not None:
             aliases[name] = exact
             continue
@@ -254,10 +271,10 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     if stack is None:
         raise ValueError(f"{type(model).__name__} has no stack of blocks holding the targets: use prepare_model")
     stack_name, blocks = stack
+    # Targets outside the stack (BERT's pooler, a targeted lm_head) are prepared after the last
+    # block, from the stream's final hidden states (calib.tail_grams), and kept in <out>.partial/.
     outside_targets = [t for t in targets if not t.startswith(stack_name + ".")]
-    if outside_targets:
-        raise ValueError(f"targets outside the block stack {outside_targets[:3]} need the whole model in memory: "
-                         "exclude them or use prepare_model")
+    reader.check_finite()  # before any calibration: a NaN would surface only when its block is reached
     batches = [] if calib is None else calib_mod.batch_samples(calib, batch_size, device)
     if not batches and needs_calibration(quant_config, lora_config):
         raise ValueError(f"method={quant_config.method.value!r} with init={lora_config.init.value!r} needs "
@@ -300,18 +317,23 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     def after_block(i: int, block: nn.Module) -> None:
         if i >= start:
             prefix = f"{stack_name}.{i}."
-            _save_atomic({prefix + k: v for k, v in block.state_dict().items()}, _block_file(partial, i))
+            state = {prefix + k: v for k, v in block.state_dict().items()}
+            _check_space(partial, state)
+            _save_atomic(state, _block_file(partial, i))
             _write_json_atomic({"fingerprint": fingerprint, "blocks": len(blocks), "done": i + 1},
                                os.path.join(partial, MANIFEST))
         block.to("meta")  # free it: the next block's inputs are computed
 
     t0 = time.perf_counter()
-    if start == len(blocks):  # killed while assembling: every block is written already
+    tail = os.path.join(partial, TAIL_FILE)
+    tail_done = not outside_targets or os.path.isfile(tail)
+    if start == len(blocks) and tail_done:  # killed while assembling: everything is written already
         pass
-    elif batches:
+    elif batches:  # a resumed run with every block done still runs them forward, for the tail's inputs
         before_block(0, blocks[0])  # block 0 runs while its inputs are captured
-        run_sequential(model, targets, batches, builder, true_sequential=true_sequential, progress=progress,
-                       start=start, before_block=before_block, after_block=after_block)
+        run_sequential(model, [t for t in targets if t not in outside_targets or not tail_done], batches, builder,
+                       true_sequential=true_sequential, progress=progress, start=start, before_block=before_block,
+                       after_block=after_block)
     else:
         for i, block in enumerate(blocks):
             before_block(i, block)
@@ -321,6 +343,17 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
                 for n in names:
                     replace_modules(block, builder.build(block, {n: None}, prefix))
             after_block(i, block)
+        if not tail_done:
+            replace_modules(model, builder.build(model, {n: None for n in outside_targets}))
+    if outside_targets and tail_done:  # prepared by an earlier run
+        replace_modules(model, {t: empty_quant_layer(t, model.get_submodule(t), quant_config, lora_config, dtype)
+                                for t in outside_targets})
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(tail, device=str(device)), strict=False, assign=True)
+    elif outside_targets:
+        _check_space(partial, {k: v for t in outside_targets for k, v in _prefixed(model, t).items()})
+        _save_atomic({k: v for t in outside_targets for k, v in _prefixed(model, t).items()}, tail)
     rep.total_s = time.perf_counter() - t0
 
     finish(model, quant_config, lora_config, targets)
@@ -333,12 +366,22 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
 
     def write(tmp: str) -> None:
         write_safetensors_streaming(sources, state, os.path.join(tmp, WEIGHTS_NAME), metadata)
-        write_side_files(tmp, model, _hf_config_dict(model, record), tokenizer)
+        write_side_files(tmp, model, hf_config_dict(model, record), tokenizer)
 
-    write_dir_atomically(out, write)
+    nbytes = sum(os.path.getsize(f) for f in sources) + state_nbytes(state)
+    write_dir_atomically(out, write, nbytes=nbytes, superseded=superseded_weights)
     shutil.rmtree(partial, ignore_errors=True)
     logger.info("prepared %d blocks of %s into %s in %.1f s", len(blocks), model_path, out, rep.total_s)
     return out
+
+
+def _prefixed(model: nn.Module, name: str) -> Dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()}
+
+
+def _check_space(directory: str, state: Dict[str, torch.Tensor]) -> None:
+    """Before each block's file: a full disk stops the run with one line, resumable once space is freed."""
+    check_free_space(os.path.join(directory, "block"), state_nbytes(state))
 
 
 def _load(module: nn.Module, state: Dict[str, torch.Tensor], device) -> None:

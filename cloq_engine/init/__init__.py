@@ -199,7 +199,8 @@ def init_options(lora_config: LoRAConfig) -> dict:
 
 def initialize(W: torch.Tensor, quant_config: QuantConfig, lora_config: LoRAConfig,
                H: Optional[torch.Tensor] = None, name: Optional[str] = None, history: Optional[list] = None,
-               timings: Optional[dict] = None) -> Tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
+               timings: Optional[dict] = None, one_shot: Optional[list] = None,
+               ) -> Tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
     """Quantize ``W`` and initialise its LoRA factors as ``lora_config`` says: ``(qw, A, B)``.
 
     ``H`` is required by GPTQ and by the calibrated inits ("cloq", "quailora"). ``name`` (the
@@ -231,6 +232,8 @@ def initialize(W: torch.Tensor, quant_config: QuantConfig, lora_config: LoRAConf
         timings.update(quantize_s=0.0, init_s=time.perf_counter() - t0)
         return qw, A, B
     qw = quantize_weight(W, quant_config, H=H)
+    if one_shot is not None:
+        one_shot.append(qw)
     t1 = time.perf_counter()
     A, B = init_lora(W, qw, H, rank, method=spec.method, scaling=scaling, **opts)
     if lora_config.requant_rounds:

@@ -119,3 +119,24 @@ def test_integer_input_raises_like_nn_linear(dtype):
     layer = ce.prepare_model(tiny_model("llama"), RTN, ZERO).model.layers[0].self_attn.q_proj
     with pytest.raises(RuntimeError, match=f"needs a floating-point input; got {dtype}"):
         layer(torch.ones(2, 64, dtype=dtype))
+
+
+def test_nan_and_inf_weights_are_refused_before_calibration_naming_every_bad_layer(monkeypatch):
+    from cloq_engine import calib as calib_mod
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[0, :3] = float("nan")
+        model.model.layers[1].mlp.down_proj.weight[2, 1] = float("inf")
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before the weights were checked")
+
+    monkeypatch.setattr(calib_mod, "capture_block_inputs", no_calibration)
+    with pytest.raises(ValueError) as e:
+        ce.prepare_model(model, GPTQ, CLOQ, calib=tiny_calib(4))
+    msg = str(e.value)
+    assert "NaN or Inf weights in 2 tensor(s)" in msg
+    assert "model.layers.0.self_attn.k_proj.weight (3 NaN)" in msg
+    assert "model.layers.1.mlp.down_proj.weight (1 Inf)" in msg
+    assert not any(isinstance(m, QuantLoRALinear) for m in model.modules())

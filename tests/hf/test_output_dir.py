@@ -113,7 +113,7 @@ def test_replace_keeps_a_checkpoint_and_leaves_nothing_behind(exchange, tmp_path
         real_rmtree(path, **kw)
 
     monkeypatch.setattr(output_dir.shutil, "rmtree", rmtree)
-    ce.save_pretrained(prepared(2), target)
+    ce.save_pretrained(prepared(2), target, overwrite=True)
     assert seen == [True] and sorted(os.listdir(tmp_path)) == ["ck"]
     assert torch.equal(logits(ce.load_pretrained(target)), logits(prepared(2)))
 
@@ -166,3 +166,80 @@ def test_interrupted_save_leaves_the_target_untouched(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ce.save_pretrained(prepared(), target)
     assert sorted(os.listdir(tmp_path)) == ["fresh"] and os.listdir(target) == []
+
+
+# -- re-saving keeps what the writer did not write; no silent loss on a full disk ------------------
+def _checkpoint_with_side_files(tmp_path):
+    from transformers import AutoTokenizer
+
+    from cloq_engine import data
+
+    target = tmp_path / "ck"
+    ce.save_pretrained(prepared(1), target, tokenizer=AutoTokenizer.from_pretrained(data.minilm_path()))
+    (target / "notes.txt").write_text("mine")
+    (target / "adapter").mkdir()
+    (target / "adapter" / "README.md").write_text("my adapter notes")
+    return target
+
+
+def test_resave_of_a_loaded_checkpoint_needs_overwrite_and_keeps_tokenizer_and_user_files(tmp_path):
+    target = _checkpoint_with_side_files(tmp_path)
+    (target / "model-00001-of-00002.safetensors").write_bytes(b"old shard")  # superseded weights
+    files = sorted(p.name for p in target.rglob("*"))
+    model = ce.load_pretrained(target)
+    with pytest.raises(ValueError, match="holds a cloq checkpoint: pass overwrite=True"):
+        ce.save_pretrained(model, target)
+    assert sorted(p.name for p in target.rglob("*")) == files
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B.add_(1.0)
+    ce.save_pretrained(model, target, overwrite=True)
+    kept = sorted(p.name for p in target.rglob("*"))
+    assert kept == sorted(set(files) - {"model-00001-of-00002.safetensors"})
+    assert "tokenizer_config.json" in kept and (target / "notes.txt").read_text() == "mine"
+    assert (target / "adapter" / "README.md").read_text() == "my adapter notes"
+    assert torch.equal(logits(ce.load_pretrained(target)), logits(model))
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_a_full_disk_is_refused_before_writing_with_one_line_naming_path_and_bytes(tmp_path, monkeypatch):
+    import collections
+
+    target = _checkpoint_with_side_files(tmp_path)
+    before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(output_dir.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(output_dir.NoSpaceError) as e:
+        ce.save_pretrained(prepared(2), target, overwrite=True)
+    msg = str(e.value)
+    assert "\n" not in msg and str(target) in msg and "needs" in msg and "4096 bytes" in msg
+    assert isinstance(e.value, OSError)
+    assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_running_out_of_space_during_the_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    target = _checkpoint_with_side_files(tmp_path)
+    before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              "message: \"No space left on device\" })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(output_dir.NoSpaceError, match="no space left on device while writing .*nothing was replaced"):
+        ce.save_pretrained(prepared(2), target, overwrite=True)
+    assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_adapter_export_refuses_a_previous_adapter_unless_told_and_keeps_other_files(tmp_path):
+    target = tmp_path / "adapter"
+    ce.export_peft_adapter(prepared(1), target)
+    (target / "README.md").write_text("notes")
+    with pytest.raises(ValueError, match="holds a cloq PEFT adapter: pass overwrite=True"):
+        ce.export_peft_adapter(prepared(2), target)
+    ce.export_peft_adapter(prepared(2), target, overwrite=True)
+    assert (target / "README.md").read_text() == "notes" and (target / "adapter_model.safetensors").is_file()

@@ -70,6 +70,7 @@ def test_exported_adapter_cannot_silently_be_loaded_onto_the_full_precision_mode
 
     model = copy.deepcopy(prepared("llama"))
     model.cloq_config["base_model"] = "/models/llama-fp16"
+    model.cloq_config.pop("checkpoint", None)  # never saved: no base AutoPeftModel could load exactly
     path = ce.export_peft_adapter(model, tmp_path / "adapter")
     with open(os.path.join(path, "adapter_config.json")) as f:
         assert json.load(f)["base_model_name_or_path"] == "cloq-dequantized-base-of:/models/llama-fp16"
@@ -128,3 +129,96 @@ def test_peft_custom_module_with_other_rank_keeps_calibrated_lora_in_base():
 def test_register_peft_custom_module_needs_a_lora_config():
     with pytest.raises(ValueError, match="lora_config"):
         ce.register_peft_custom_module({"r": 4})
+
+
+# -- PEFT as its users expect, after `import cloq_engine` ------------------------------------------
+def _saved(arch, tmp_path):
+    model = copy.deepcopy(prepared(arch))
+    ce.save_pretrained(model, tmp_path / "ck")
+    return model
+
+
+@pytest.mark.parametrize("arch, auto", [("llama", "AutoPeftModelForCausalLM"), ("bert", "AutoPeftModelForFeatureExtraction")])
+def test_exported_adapter_names_its_checkpoint_and_autopeftmodel_loads_it_exactly(arch, auto, tmp_path):
+    """Before: base_model_name_or_path = "cloq-dequantized-base-of:/path" and AutoPeftModel failed."""
+    model = _saved(arch, tmp_path)
+    path = ce.export_peft_adapter(model, tmp_path / "adapter")
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == str(tmp_path / "ck")
+    with torch.no_grad():
+        loaded = getattr(peft, auto).from_pretrained(path)
+        torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)
+    wrapped = [m for m in loaded.modules() if type(m).__name__ == "PeftQuantLoRALinear"]
+    assert len(wrapped) == len(model.cloq_config["targets"])
+
+
+def test_a_peft_trained_adapter_reloads_with_plain_peftmodel_from_pretrained(tmp_path):
+    """Before: reloading needed register_peft_custom_module on the loaded config again."""
+    model = _saved("llama", tmp_path)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, target_modules=_suffixes(model)))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B.default" in n:
+                p.add_(0.05)
+        want = logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "trained")
+    reloaded = peft.PeftModel.from_pretrained(ce.load_pretrained(tmp_path / "ck"), tmp_path / "trained")
+    with torch.no_grad():
+        torch.testing.assert_close(logits(reloaded), want, rtol=1e-5, atol=1e-5)
+
+
+def test_all_linear_targets_our_layers_but_not_the_output_embedding():
+    model = copy.deepcopy(prepared("llama"))
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+               if type(m).__name__ == "PeftQuantLoRALinear"}
+    assert wrapped == set(model.cloq_config["targets"]) and "lm_head" not in wrapped
+
+
+def test_after_prepare_model_for_kbit_training_one_line_makes_the_model_trainable_again():
+    """PEFT's helper freezes every parameter (it expects get_peft_model to add adapters next)."""
+    model = copy.deepcopy(prepared("llama"))
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert not any(p.requires_grad for p in model.parameters())
+    ce.mark_trainable(model)  # the README's one-liner: our LoRA factors train again
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(model.cloq_config["targets"]) and all("lora_" in n for n in trainable)
+    logits(model).pow(2).mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # or PEFT's own flow: get_peft_model adds trainable adapters over our layers
+    other = peft.prepare_model_for_kbit_training(copy.deepcopy(prepared("llama")), use_gradient_checkpointing=False)
+    peft_model = peft.get_peft_model(other, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert sum(p.requires_grad for p in peft_model.parameters()) == 2 * len(model.cloq_config["targets"])
+
+
+def test_adapter_with_its_dequantized_base_loads_with_plain_transformers(tmp_path):
+    model = copy.deepcopy(prepared("llama"))
+    path = ce.export_peft_adapter(model, tmp_path / "adapter", base="dequantized")
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == os.path.join(path, "base")
+    with torch.no_grad():
+        loaded = peft.AutoPeftModelForCausalLM.from_pretrained(path)
+        assert not any(type(m).__name__ == "PeftQuantLoRALinear" for m in loaded.modules())  # a dense base
+        torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_on_the_original_model_is_named_with_a_warning(tmp_path, caplog):
+    model = copy.deepcopy(prepared("llama"))
+    model.cloq_config["base_model"] = str(tmp_path / "original")
+    path = ce.export_peft_adapter(model, tmp_path / "adapter", base="original")
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == str(tmp_path / "original")
+    assert "adds the quantization error back" in caplog.text
+
+
+def test_empty_model_works_with_accelerate_init_empty_weights_and_load_checkpoint_and_dispatch(tmp_path):
+    """Before: only the internal persistence.parse_record + swap_in_empty_layers built a skeleton."""
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+    model = _saved("llama", tmp_path)
+    with init_empty_weights():
+        empty = ce.empty_model(tmp_path / "ck")
+    assert all(t.device.type == "meta" for t in empty.parameters())
+    loaded = load_checkpoint_and_dispatch(empty, str(tmp_path / "ck"), device_map={"": "cpu"})
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)

@@ -173,7 +173,7 @@ def test_overwrite_replaces_the_directory_only_after_success(tmp_path, monkeypat
     target = tmp_path / "ck"
     first = prepared("llama", seed=1)
     ce.save_pretrained(first, target)
-    (target / "stale.txt").write_text("old")
+    (target / "notes.txt").write_text("mine")
     before = (target / "model.safetensors").read_bytes()
 
     def crash(tensors, filename, metadata=None):
@@ -183,14 +183,14 @@ def test_overwrite_replaces_the_directory_only_after_success(tmp_path, monkeypat
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        ce.save_pretrained(prepared("llama", seed=2), target)
+        ce.save_pretrained(prepared("llama", seed=2), target, overwrite=True)
     assert (target / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary directory left behind
     monkeypatch.undo()
 
     second = prepared("llama", seed=2)
-    ce.save_pretrained(second, target)
-    assert not (target / "stale.txt").exists() and sorted(os.listdir(tmp_path)) == ["ck"]
+    ce.save_pretrained(second, target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["ck"]
     assert torch.equal(logits(ce.load_pretrained(target), IDS), logits(second, IDS))
 
 

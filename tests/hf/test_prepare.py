@@ -74,9 +74,9 @@ def test_calibrated_methods_require_calibration_data():
 
 
 def test_nan_activations_name_the_layer():
+    """(NaN weights are refused before calibration: hf/checks.py; here finite weights give NaN inputs.)"""
     model = tiny_model("llama")
-    with torch.no_grad():
-        model.model.layers[0].input_layernorm.weight[0] = float("nan")
+    model.model.layers[0].input_layernorm.register_forward_hook(lambda mod, args, out: out * float("nan"))
     with pytest.raises(ValueError, match=r"layer 'self_attn\.q_proj'.*NaN"):
         ce.prepare_model(model, ce.QuantConfig(bits=4, group_size=32), ce.LoRAConfig(rank=4), calib=tiny_calib(2))
 
@@ -131,3 +131,18 @@ def test_report_modes():
     with pytest.raises(ValueError, match="`report`"):
         ce.prepare_model(tiny_model("llama"), ce.QuantConfig(method="rtn", group_size=32), ce.LoRAConfig(init="zero"),
                          report="full")
+
+
+def test_requant_report_baseline_is_the_plain_quantizer_not_the_requantized_q():
+    """Before: "0.6837 -> 0.0444 (93.5% lower)": the baseline was the re-quantized Q alone, far from W
+    by design; against plain GPTQ (0.0661) the gain was 33%."""
+    qc = ce.QuantConfig(bits=2, group_size=32, method="gptq")
+    calib = tiny_calib(8, seq_len=32)
+    plain = ce.prepare_model(tiny_model("llama"), qc, ce.LoRAConfig(rank=4, init="cloq"), calib=calib).cloq_report
+    joint = ce.prepare_model(tiny_model("llama"), qc, ce.LoRAConfig(rank=4, init="cloq", requant_rounds=2),
+                             calib=calib).cloq_report
+    first = "model.layers.0.self_attn.q_proj"  # block 0's first group: the same H in both runs
+    p = next(r for r in plain.layers if r.name == first)
+    j = next(r for r in joint.layers if r.name == first)
+    assert j.err_quant == pytest.approx(p.err_quant, rel=1e-4)
+    assert j.err_init <= p.err_init * (1 + 1e-6)  # the best round is kept

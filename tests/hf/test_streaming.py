@@ -53,6 +53,67 @@ def source(tmp_path_factory):
     return d / "model", ref
 
 
+def _outside_source(path, kind):
+    """A saved tiny model whose targets include a layer outside the block stack."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("bert" if kind == "bert pooler" else "llama")
+    model.save_pretrained(path)
+    if kind == "bert pooler":
+        return ce.LoRAConfig(rank=4, alpha=8, init="cloq")  # all-linear: pooler.dense is a target
+    return ce.LoRAConfig(rank=4, alpha=8, init="cloq", target_modules=["q_proj", "down_proj", "lm_head"],
+                          exclude=())
+
+
+def _in_memory_any(src, out, qc, lc, calib):
+    from transformers import AutoConfig
+
+    from cloq_engine.hf.persistence import model_class_for
+
+    model = model_class_for(AutoConfig.from_pretrained(src)).from_pretrained(src, dtype=torch.float32).eval()
+    ce.prepare_model(model, qc, lc, calib=calib)
+    return ce.save_pretrained(model, out)
+
+
+@pytest.mark.parametrize("kind, outside", [("bert pooler", "pooler.dense"), ("targeted lm_head", "lm_head")])
+def test_targets_outside_the_block_stack_stream_and_resume_bitwise(kind, outside, tmp_path, monkeypatch):
+    """Before: refused ("targets outside the block stack ['pooler.dense'] need the whole model in memory")."""
+    lc = _outside_source(tmp_path / "src", kind)
+    ref = _in_memory_any(tmp_path / "src", tmp_path / "ref", QC, lc, tiny_calib(4))
+    out = streaming.prepare_pretrained(tmp_path / "src", tmp_path / "out", QC, lc, calib=tiny_calib(4))
+    assert outside in ce.load_pretrained(out).cloq_config["targets"]
+    _assert_same(out, ref)
+
+    save = streaming._save_atomic
+
+    def interrupted_at_the_tail(tensors, file):  # every block is written; the tail is not
+        if file.endswith(streaming.TAIL_FILE):
+            raise KeyboardInterrupt
+        save(tensors, file)
+
+    monkeypatch.setattr(streaming, "_save_atomic", interrupted_at_the_tail)
+    with pytest.raises(KeyboardInterrupt):
+        streaming.prepare_pretrained(tmp_path / "src", tmp_path / "again", QC, lc, calib=tiny_calib(4))
+    monkeypatch.undo()
+    streaming.prepare_pretrained(tmp_path / "src", tmp_path / "again", QC, lc, calib=tiny_calib(4), resume=True)
+    _assert_same(tmp_path / "again", ref)
+
+
+def test_nan_in_the_shards_is_refused_before_any_block_naming_every_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _llama(tmp_path / "src", blocks=2, shard="10GB")
+    file = tmp_path / "src" / "model.safetensors"
+    state = load_file(file)
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    state["model.norm.weight"][3] = float("inf")
+    save_file(state, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"NaN or Inf weights in 2 tensor\(s\): model.layers.1.mlp.up_proj.weight "
+                                         r"\(1 NaN\); model.norm.weight \(1 Inf\)"):
+        streaming.prepare_pretrained(tmp_path / "src", tmp_path / "out", QC, LC, calib=tiny_calib(4))
+    assert not os.path.exists(str(tmp_path / "out") + streaming.PARTIAL_SUFFIX)
+
+
 def test_streaming_equals_in_memory_bitwise(source, tmp_path):
     src, ref = source
     out = streaming.prepare_pretrained(src, tmp_path / "out", QC, LC, calib=tiny_calib(4))
