@@ -98,14 +98,18 @@ def kernel_cases(bits_variants=BIT_VARIANTS, dtype: torch.dtype = torch.float16)
         cases.append(KernelCase(f"dequant_gemm[{variant}]", dequant_gemm.dequant_gemm_kernel,
                                 dict(fwd, y_ptr=Ptr(dtype)), dict(meta, HAS_LORA=True, HAS_BIAS=True),
                                 dequant_gemm.gemm_configs()))
-        for block_m in (1, gemv.MAX_M):
-            cases.append(KernelCase(
-                f"gemv[{variant},m{block_m}]", gemv.gemv_kernel,
-                dict(fwd, M=block_m, y_ptr=Ptr(dtype), part_ptr=Ptr(torch.float32), lock_ptr=Ptr(torch.int32),
-                     tiles_per_split=8),
-                dict(meta, HAS_LORA=True, HAS_BIAS=True, BLOCK_M=block_m),
-                [_config({**c.kwargs, "SPLIT_K": c.kwargs["SPLIT_K"] or 4}, c.num_warps, c.num_stages)
-                 for c in gemv.gemv_configs()]))
+        split4 = lambda cfgs: [_config({**c.kwargs, "SPLIT_K": c.kwargs["SPLIT_K"] or 4}, c.num_warps, c.num_stages)
+                               for c in cfgs]
+        m1 = {k: v for k, v in fwd.items() if k not in ("M", "stride_xm", "stride_lm", "stride_ym")}
+        cases.append(KernelCase(
+            f"gemv[{variant}]", gemv.gemv_kernel,
+            dict(m1, y_ptr=Ptr(dtype), part_ptr=Ptr(torch.float32), lock_ptr=Ptr(torch.int32), tiles_per_split=8),
+            dict(BITS=bits, NF4=nf4, R_PAD=16, HAS_LORA=True, HAS_BIAS=True), split4(gemv.gemv_configs())))
+        cases.append(KernelCase(
+            f"gemv_dot[{variant}]", gemv.gemv_dot_kernel,
+            dict(fwd, M=gemv.MAX_M, y_ptr=Ptr(dtype), part_ptr=Ptr(torch.float32), lock_ptr=Ptr(torch.int32),
+                 tiles_per_split=8),
+            dict(meta, HAS_LORA=True, HAS_BIAS=True, BLOCK_M=gemv.MAX_M), split4(gemv.gemv_dot_configs())))
         cases.append(KernelCase(
             f"dequant_gemm_t[{variant}]", dequant_gemm_t.dequant_gemm_t_kernel,
             dict(dy_ptr=Ptr(dtype), ds_ptr=Ptr(torch.float32), a_ptr=Ptr(dtype), dx_ptr=Ptr(dtype), M=2048, N=N,

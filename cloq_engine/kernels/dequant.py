@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .utils import INTERPRET, along_n, expanded_codes, load_group_params
+from .utils import INTERPRET, along_n, expanded_codes, load_group_params, nf4_levels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def dequant_kernel(
 
     # ---------------------------------------------------------------- dequantize, store
     if NF4:
-        w = tl.load(codebook_ptr + codes) * along_n(s, BITS)
+        w = nf4_levels(codes, codebook_ptr) * along_n(s, BITS)
     else:
         w = codes.to(tl.float32) * along_n(s, BITS) + along_n(zs, BITS)
     dst = w_ptr + kk.to(tl.int64) * stride_wk + n_.to(tl.int64) * stride_wn
