@@ -47,8 +47,7 @@ def gemv_configs() -> list:
         (512, 32, 0, 4),
         (1024, 32, 0, 8),
         (256, 32, 0, 2),
-        (128, 64, 0, 1),
-    ]
+    ]  # (128, 64) with 1 warp (8 rows x 4 columns a thread) spills at 3 bits and NF4: see kernels.check
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=1)
             for bn, bk, sk, w in rows]
 
