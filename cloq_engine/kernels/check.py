@@ -52,6 +52,7 @@ class CheckResult:
     regs: int
     spill_bytes: int
     shared_bytes: int
+    barriers: int  # bar.sync in the PTX: block-wide barriers (layout round trips, split-K hand-off)
     ok: bool
 
 
@@ -198,7 +199,7 @@ def compile_case(case: KernelCase, cfg, cap: int) -> CheckResult:
     shared = int(compiled.metadata.shared) + usage["static_shared"]
     spill = usage["stack"] + usage["local"]  # ptxas spills into the stack frame (triton kernels use no other)
     return CheckResult(case.name, f"sm_{cap}", _config_str(cfg), usage["regs"], spill, shared,
-                       ok=within_limits(cap, spill, shared))
+                       compiled.asm["ptx"].count("bar.sync"), ok=within_limits(cap, spill, shared))
 
 
 def within_limits(cap: int, spill_bytes: int, shared_bytes: int) -> bool:
@@ -225,10 +226,11 @@ def run_checks(cases: List[KernelCase], archs=ARCHS, max_configs: Optional[int] 
 # Command line
 # ---------------------------------------------------------------------------------------------
 def _table(results: List[CheckResult]) -> Iterator[str]:
-    yield f"{'kernel':34} {'arch':6} {'regs':>4} {'spill':>5} {'shared':>7}  config"
+    yield f"{'kernel':34} {'arch':6} {'regs':>4} {'spill':>5} {'shared':>7} {'bar':>4}  config"
     for r in results:
         flag = "" if r.ok else "  <-- FAIL"
-        yield f"{r.kernel:34} {r.arch:6} {r.regs:4d} {r.spill_bytes:5d} {r.shared_bytes:7d}  {r.config}{flag}"
+        yield (f"{r.kernel:34} {r.arch:6} {r.regs:4d} {r.spill_bytes:5d} {r.shared_bytes:7d} {r.barriers:4d}  "
+               f"{r.config}{flag}")
 
 
 def main(argv=None) -> int:

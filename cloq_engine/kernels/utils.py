@@ -102,7 +102,10 @@ def expanded_codes(q_ptr, k0, offs_n, mask_n, KP, stride_qk, stride_qn, BITS: tl
         mn = mask_n[None, None, None, :]
         r_lo = k0 // 16 + 2 * a + b
         lo = tl.load(q_ptr + r_lo * stride_qk + n_ * stride_qn, mask=(r_lo < KP // 16) & mn, other=0)
-        r_hi = k0 // 32 + a
+        # the 1-bit plane word is loaded at the 2-bit plane's shape (once per half b, an L1 hit the
+        # second time): both loads then get one layout, so only packed words ever change layout,
+        # never the expanded tile
+        r_hi = k0 // 32 + a + 0 * b
         hi = tl.load(q_ptr + (KP // 16 + r_hi) * stride_qk + n_ * stride_qn, mask=(r_hi < KP // 32) & mn, other=0)
         codes = ((lo >> (2 * c)) & 3) | (((hi >> (16 * b + c)) & 1) << 2)
         kk = k0 + 32 * a + 16 * b + c
@@ -124,7 +127,7 @@ def load_words(q_ptr, k0, k_stop, offs_n, mask_n, KP, stride_qk, stride_qn, BITS
     size-1 code axes so that :func:`expand_words` broadcasts them without a layout change.
 
     2/4-bit: (words [BLOCK_K / PW, 1, BLOCK_N], the same again). 3-bit: (2-bit plane words
-    [BLOCK_K / 32, 2, 1, BLOCK_N], 1-bit plane words [BLOCK_K / 32, 1, 1, BLOCK_N]). K rows at or past
+    [BLOCK_K / 32, 2, 1, BLOCK_N], 1-bit plane words at the same shape). K rows at or past
     ``k_stop`` (a multiple of 32, at most the padded K ``KP``) and columns off ``mask_n`` read as 0
     and cost no memory traffic.
     """
@@ -135,7 +138,7 @@ def load_words(q_ptr, k0, k_stop, offs_n, mask_n, KP, stride_qk, stride_qn, BITS
         mn = mask_n[None, None, None, :]
         r_lo = k0 // 16 + 2 * a + b
         lo = tl.load(q_ptr + r_lo * stride_qk + n_ * stride_qn, mask=(r_lo < k_stop // 16) & mn, other=0)
-        r_hi = k0 // 32 + a
+        r_hi = k0 // 32 + a + 0 * b  # at the 2-bit plane's shape: one layout for both (see expanded_codes)
         hi = tl.load(q_ptr + (KP // 16 + r_hi) * stride_qk + n_ * stride_qn, mask=(r_hi < k_stop // 32) & mn,
                      other=0)
     else:
