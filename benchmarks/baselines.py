@@ -54,6 +54,8 @@ def versions() -> Dict[str, str]:
 def tinygemm_w4(x: torch.Tensor, in_f: int, out_f: int, copies: int, group: int = 128) -> Callable[[], None]:
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
         raise Unavailable("torch has no aten._weight_int4pack_mm")
+    if x.device.type != "cuda":
+        raise Unavailable("tinygemm's int4 packing is a CUDA kernel")
     Wq = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, device=x.device)
     try:  # torch >= 2.5: uint8 [N, K/2] packed pairs
         packed_in = (Wq[:, ::2] << 4 | Wq[:, 1::2]).to(torch.uint8)

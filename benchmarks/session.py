@@ -27,7 +27,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -62,10 +62,14 @@ class Context:
     group: str
     step: str = ""
     deadline: float = float("inf")  # epoch seconds: no measurement starts that cannot finish by then
+    only: Tuple[str, ...] = ()  # run only measurements whose label contains one of these (all when empty)
     state: Dict[str, object] = field(default_factory=dict)  # shared between the measurements of a step
 
     def left(self) -> float:
         return self.deadline - time.time()
+
+    def plan(self, s: "Step") -> List["Measurement"]:
+        return [m for m in s.plan(self) if not self.only or any(o in m.label for o in self.only)]
 
     @property
     def jsonl(self) -> Path:
@@ -119,7 +123,7 @@ def run_step(name: str, ctx: Context) -> int:
     """In the step's own process: every measurement in order, each independent of the others."""
     ctx.step = name
     try:
-        plan = STEPS[name].plan(ctx)
+        plan = ctx.plan(STEPS[name])
     except Exception as e:
         ctx.record(label="(plan)", status="error", error=f"{type(e).__name__}: {e}",
                    trace=traceback.format_exc()[-1500:])
@@ -160,27 +164,30 @@ def _recover() -> None:
         pass
 
 
-def run_group(group: str, out: Path, budget: float, grace: float = GRACE_S) -> int:
+def run_group(group: str, out: Path, budget: float, grace: float = GRACE_S, only: Tuple[str, ...] = (),
+              step_slack: float = STEP_SLACK) -> int:
     """The parent: each step in a fresh process, no step started past the budget, a table last.
 
     A step's own deadline is the budget's end or ``STEP_SLACK`` x its estimate, whichever comes
     first, so a slow step (a long JIT) cannot starve the ones after it; time it leaves unused
     passes on."""
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(out=out, group=group, deadline=time.time() + budget)
+    ctx = Context(out=out, group=group, deadline=time.time() + budget, only=only)
     ctx.step = "(session)"
     ctx.record(label="start", status="ok", budget_s=budget, steps=[s.name for s in groups()[group]])
     for s in groups()[group]:
         left = ctx.left()
-        plan = s.plan(ctx)
+        plan = ctx.plan(s)
+        if not plan:
+            continue
         if left < STARTUP_S + min((m.est_s for m in plan), default=0):
             ctx.step = s.name
             ctx.record(label="(step)", status="skipped", reason=f"budget: {left:.0f} s left")
             continue
         est = STARTUP_S + sum(m.est_s for m in plan)
-        deadline = min(ctx.deadline, time.time() + max(STEP_SLACK * est, est + 20))
+        deadline = min(ctx.deadline, time.time() + max(step_slack * est, est + 20))
         cmd = [sys.executable, str(Path(__file__)), group, "--step", s.name, "--out", str(out),
-               "--deadline", str(deadline)]
+               "--deadline", str(deadline)] + (["--only", ",".join(only)] if only else [])
         t0 = time.time()
         with open(out / f"{group}.{s.name}.log", "w") as log:
             try:
@@ -198,14 +205,16 @@ def run_group(group: str, out: Path, budget: float, grace: float = GRACE_S) -> i
 # ---------------------------------------------------------------------------------------------
 # Listing and the table
 # ---------------------------------------------------------------------------------------------
-def dry_run(group: str) -> float:
+def dry_run(group: str, only: Tuple[str, ...] = ()) -> float:
     """Print every measurement of ``group`` with its estimate; returns the total (startups included)."""
-    ctx = Context(out=Path("/nonexistent"), group=group)
+    ctx = Context(out=Path("/nonexistent"), group=group, only=only)
     total = 0.0
     print(f"group {group!r}: every measurement and its estimated time (H100/H200, JIT included)")
     for s in groups()[group]:
         ctx.step = s.name
-        plan = s.plan(ctx)
+        plan = ctx.plan(s)
+        if not plan:
+            continue
         sub = STARTUP_S + sum(m.est_s for m in plan)
         total += sub
         print(f"\n[{s.name}] {s.what}  (~{sub:.0f} s incl. {STARTUP_S:.0f} s start-up)")
@@ -246,12 +255,17 @@ def main(argv=None) -> int:
                                                              "(default: the group's, 320 for quick)")
     p.add_argument("--out", default=os.environ.get("OUT", "out/gpu"))
     p.add_argument("--grace", type=float, default=GRACE_S, help="seconds a step may run past its deadline")
+    p.add_argument("--step-slack", type=float, default=STEP_SLACK,
+                   help="a step may run this many times its estimate (within the budget)")
+    p.add_argument("--only", default="", help="comma-separated label substrings: run just those measurements "
+                                              "(e.g. a rerun of what failed)")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # internal: run one step in this process
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    only = tuple(o for o in a.only.split(",") if o)
     load_steps()
     if a.step:
-        return run_step(a.step, Context(out=Path(a.out), group=a.group, deadline=a.deadline or float("inf")))
+        return run_step(a.step, Context(out=Path(a.out), group=a.group, deadline=a.deadline or float("inf"), only=only))
     known = groups()
     if a.group == "list":
         for g, steps in known.items():
@@ -260,11 +274,12 @@ def main(argv=None) -> int:
     if a.group not in known:
         p.error(f"unknown group {a.group!r}; choose from {sorted(known)}")
     if a.dry_run:
-        dry_run(a.group)
+        dry_run(a.group, only)
         return 0
     import session_steps
 
-    return run_group(a.group, Path(a.out), a.budget or session_steps.BUDGETS.get(a.group, 450), a.grace)
+    return run_group(a.group, Path(a.out), a.budget or session_steps.BUDGETS.get(a.group, 450), a.grace, only,
+                     a.step_slack)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List
 
@@ -26,6 +27,22 @@ BUDGETS = {"quick": 320, **{f"full-{i}": 450 for i in range(1, 7)}}  # seconds; 
 NOMINAL = {"copy_bytes_per_s": 3.0e12, "bf16_flops": 700e12}  # used only when the ceilings step failed
 VARIANTS = ("2", "3", "4", "nf4")
 
+# CLOQ_SESSION_SMOKE=1 (with TRITON_INTERPRET=1): every measurement's code on the CPU at tiny sizes, in
+# float16 (the interpreter's bf16 arithmetic is wrong), timed by one call: tests the session itself.
+SMOKE = os.environ.get("CLOQ_SESSION_SMOKE") == "1"
+DEVICE = "cpu" if SMOKE else "cuda"
+_SMALL = {4096: 96, 14336: 128, 1001: 40, 8192: 24, 2048: 20, 64: 17}  # labels keep the real sizes; idempotent
+
+
+def size(n: int) -> int:
+    return _SMALL.get(n, n) if SMOKE else n
+
+
+def act_dtype():
+    import torch
+
+    return torch.float16 if SMOKE else torch.bfloat16
+
 
 # ---------------------------------------------------------------------------------------------
 # Helpers (imported lazily: the plans must build on a machine without CUDA)
@@ -33,9 +50,14 @@ VARIANTS = ("2", "3", "4", "nf4")
 def _cuda():
     import torch
 
-    if not torch.cuda.is_available():
+    if not (SMOKE or torch.cuda.is_available()):
         raise Skip("no CUDA device")
     return torch
+
+
+def _sync(torch) -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def packed_weight(variant: str, out_f: int, in_f: int, seed: int = 0):
@@ -44,19 +66,22 @@ def packed_weight(variant: str, out_f: int, in_f: int, seed: int = 0):
     from cloq_engine.formats import QuantizedWeight, packed_rows
 
     nf4 = variant == "nf4"
+    in_f, out_f = size(in_f), size(out_f)
     bits, group = (4, 64) if nf4 else (int(variant), 128)
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    words = torch.randint(-2**31, 2**31 - 1, (packed_rows(in_f, bits), out_f), generator=g, device="cuda",
+    group = 32 if SMOKE else group
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    words = torch.randint(-2**31, 2**31 - 1, (packed_rows(in_f, bits), out_f), generator=g, device=DEVICE,
                           dtype=torch.int64).to(torch.int32)
-    scales = (0.02 * torch.rand(in_f // group, out_f, generator=g, device="cuda") + 1e-3).half()
-    zeros = None if nf4 else torch.randint(0, 2**bits, (in_f // group, out_f), generator=g, device="cuda").half()
+    scales = (0.02 * torch.rand(in_f // group, out_f, generator=g, device=DEVICE) + 1e-3).half()
+    zeros = None if nf4 else torch.randint(0, 2**bits, (in_f // group, out_f), generator=g, device=DEVICE).half()
     return QuantizedWeight(words, scales, zeros, bits, group, in_f, out_f, "nf4" if nf4 else "rtn")
 
 
 def randn(*shape, dtype, seed: int = 1, scale: float = 1.0):
+    """Random values (never zeros: they hide unwritten outputs), sizes mapped by :func:`size`."""
     torch = _cuda()
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=g, device="cuda")).to(dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return (scale * torch.randn(*(size(n) for n in shape), generator=g, device=DEVICE)).to(dtype)
 
 
 def rel_err(a, ref) -> float:
@@ -68,6 +93,10 @@ def rel_err(a, ref) -> float:
 def bench_us(fn, graph: bool = False) -> float:
     """Median microseconds: CUDA-graph replays for small launches (no launch gaps), else do_bench."""
     torch = _cuda()
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return 1e6 * (time.perf_counter() - t0)
     from triton.testing import do_bench, do_bench_cudagraph
 
     fn()  # compile, allocate workspaces, outside any capture
@@ -87,7 +116,7 @@ def ceilings(ctx: Context) -> dict:
 
 
 def copies_for(nbytes: int) -> int:
-    return int(min(64, max(2, -(-4 * L2_BYTES // max(nbytes, 1)))))
+    return 2 if SMOKE else int(min(64, max(2, -(-4 * L2_BYTES // max(nbytes, 1)))))
 
 
 def _name(variant: str) -> str:
@@ -113,13 +142,15 @@ def plan_env(ctx: Context) -> List[Measurement]:
         torch = _cuda()
         import baselines
 
+        if SMOKE:
+            return {"gpu": "cpu (smoke)", **baselines.versions()}
         p = torch.cuda.get_device_properties(0)
         return {"gpu": p.name, "cc": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
                 "mem_gib": round(p.total_memory / 2**30, 1), **baselines.versions()}
 
     def copy():
         torch = _cuda()
-        a = randn(2**30, dtype=torch.bfloat16)  # 2 GiB each way, far past the L2
+        a = randn(2**12 if SMOKE else 2**30, dtype=torch.bfloat16)  # 2 GiB each way, far past the L2
         b = torch.empty_like(a)
         us = bench_us(lambda: b.copy_(a))
         bw = 2 * a.numel() * a.element_size() / (us * 1e-6)
@@ -128,8 +159,8 @@ def plan_env(ctx: Context) -> List[Measurement]:
 
     def gemm():
         torch = _cuda()
-        n = 8192
-        x, y = randn(n, n, dtype=torch.bfloat16, seed=2), randn(n, n, dtype=torch.bfloat16, seed=3)
+        n = size(8192)
+        x, y = randn(n, n, dtype=act_dtype(), seed=2), randn(n, n, dtype=act_dtype(), seed=3)
         us = bench_us(lambda: torch.mm(x, y))
         rate = 2 * n**3 / (us * 1e-6)
         (ctx.out / "ceilings.json").write_text(json.dumps({"copy_bytes_per_s": ctx.state.get("copy", NOMINAL[
@@ -157,9 +188,9 @@ def plan_correct(ctx: Context) -> List[Measurement]:
             qw = packed_weight(variant, out_f, in_f, seed=in_f + out_f)
             A = randn(RANK, in_f, dtype=torch.float32, seed=4, scale=0.02)
             B = randn(out_f, RANK, dtype=torch.float32, seed=5, scale=0.02)
-            bias = randn(out_f, dtype=torch.bfloat16, seed=6, scale=0.1)
-            x = randn(m, in_f, dtype=torch.bfloat16, seed=m)
-            dy = randn(m, out_f, dtype=torch.bfloat16, seed=m + 1)
+            bias = randn(out_f, dtype=act_dtype(), seed=6, scale=0.1)
+            x = randn(m, in_f, dtype=act_dtype(), seed=m)
+            dy = randn(m, out_f, dtype=act_dtype(), seed=m + 1)
             y, S = tb.forward(x, qw, A, B, SCALING, bias=bias)
             dx, _, dA, dB = tb.backward(dy, x, S, qw, A, B, SCALING)
             y_ref, S_ref = torch_ref.forward(x, qw, A, B, SCALING, bias=bias.float())
@@ -182,11 +213,11 @@ def _decode_ours(ctx, variant, in_f, out_f):
         from cloq_engine.backends import triton_backend as tb
 
         nbytes = packed_weight(variant, out_f, in_f).nbytes
-        layers = [(packed_weight(variant, out_f, in_f, seed=s), randn(RANK, in_f, dtype=torch.bfloat16, seed=s + 100,
+        layers = [(packed_weight(variant, out_f, in_f, seed=s), randn(RANK, in_f, dtype=act_dtype(), seed=s + 100,
                                                                       scale=0.02),
-                   randn(out_f, RANK, dtype=torch.bfloat16, seed=s + 200, scale=0.02))
+                   randn(out_f, RANK, dtype=act_dtype(), seed=s + 200, scale=0.02))
                   for s in range(copies_for(nbytes))]
-        x = randn(1, in_f, dtype=torch.bfloat16, seed=7)
+        x = randn(1, in_f, dtype=act_dtype(), seed=7)
         us = bench_us(lambda: [tb.forward(x, qw, A, B, SCALING) for qw, A, B in layers], graph=True) / len(layers)
         return _bw_row(ctx, us, nbytes, in_f, out_f, copies=len(layers))
     return run
@@ -204,10 +235,10 @@ def _decode_dense(ctx, in_f, out_f):
         torch = _cuda()
         import torch.nn.functional as F
 
-        ws = [randn(out_f, in_f, dtype=torch.bfloat16, seed=s) for s in range(copies_for(2 * in_f * out_f))]
-        A = randn(RANK, in_f, dtype=torch.bfloat16, seed=8, scale=0.02)
-        B = randn(out_f, RANK, dtype=torch.bfloat16, seed=9, scale=0.02)
-        x = randn(1, in_f, dtype=torch.bfloat16, seed=7)
+        ws = [randn(out_f, in_f, dtype=act_dtype(), seed=s) for s in range(copies_for(2 * in_f * out_f))]
+        A = randn(RANK, in_f, dtype=act_dtype(), seed=8, scale=0.02)
+        B = randn(out_f, RANK, dtype=act_dtype(), seed=9, scale=0.02)
+        x = randn(1, in_f, dtype=act_dtype(), seed=7)
         us = bench_us(lambda: [F.linear(x, w) + SCALING * F.linear(F.linear(x, A), B) for w in ws], graph=True) / len(ws)
         return _bw_row(ctx, us, 2 * in_f * out_f, in_f, out_f, copies=len(ws))
     return run
@@ -220,7 +251,7 @@ def _decode_peer(ctx, name, in_f, out_f):
 
         against, build = baselines.DECODE_PEERS[name]
         nbytes = packed_weight(against, out_f, in_f).nbytes  # the same bytes a peer must stream (about)
-        x = randn(1, in_f, dtype=torch.bfloat16, seed=7)
+        x = randn(1, in_f, dtype=act_dtype(), seed=7)
         copies = copies_for(nbytes)
         try:
             fn = build(x, in_f, out_f, copies)
@@ -233,23 +264,25 @@ def _decode_peer(ctx, name, in_f, out_f):
 def _graph_survives_growth():
     """Capture a decode forward, then make the workspace grow (a large-M call), then replay."""
     torch = _cuda()
+    if SMOKE:
+        raise Skip("smoke: CUDA graphs need a GPU")
     from cloq_engine.backends import torch_ref
     from cloq_engine.backends import triton_backend as tb
 
     K, N = 4096, 14336
     qw = packed_weight("4", N, K)
-    A = randn(RANK, K, dtype=torch.bfloat16, seed=10, scale=0.02)
-    B = randn(N, RANK, dtype=torch.bfloat16, seed=11, scale=0.02)
-    x = randn(1, K, dtype=torch.bfloat16, seed=12)
+    A = randn(RANK, K, dtype=act_dtype(), seed=10, scale=0.02)
+    B = randn(N, RANK, dtype=act_dtype(), seed=11, scale=0.02)
+    x = randn(1, K, dtype=act_dtype(), seed=12)
     tb.forward(x, qw, A, B, SCALING)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y, _ = tb.forward(x, qw, A, B, SCALING)
-    tb.forward(randn(4096, K, dtype=torch.bfloat16, seed=13), qw, A, B, SCALING)  # grows the workspace
+    tb.forward(randn(4096, K, dtype=act_dtype(), seed=13), qw, A, B, SCALING)  # grows the workspace
     errs = []
     for seed in (14, 15):
-        x.copy_(randn(1, K, dtype=torch.bfloat16, seed=seed))
+        x.copy_(randn(1, K, dtype=act_dtype(), seed=seed))
         graph.replay()
         torch.cuda.synchronize()
         errs.append(rel_err(y, torch_ref.forward(x, qw, A, B, SCALING)[0]))
@@ -286,23 +319,23 @@ def _layer_step(ctx, kind: str, in_f: int, out_f: int, fold=None):
         from cloq_engine import LoRAConfig
         from cloq_engine.nn import QuantLoRALinear
 
-        x = randn(LAYER_M, in_f, dtype=torch.bfloat16, seed=20).requires_grad_(True)
-        dy = randn(LAYER_M, out_f, dtype=torch.bfloat16, seed=21)
+        x = randn(LAYER_M, in_f, dtype=act_dtype(), seed=20).requires_grad_(True)
+        dy = randn(LAYER_M, out_f, dtype=act_dtype(), seed=21)
         lc = LoRAConfig(rank=RANK, alpha=SCALING * RANK, init="zero")
         if kind.startswith("w"):
             qw = packed_weight(kind[1:], out_f, in_f)
             A = randn(RANK, in_f, dtype=torch.float32, seed=22, scale=0.02)
             B = randn(out_f, RANK, dtype=torch.float32, seed=23, scale=0.02)
-            layer = QuantLoRALinear.from_quantized(qw, A, B, lc, dtype=torch.bfloat16)
+            layer = QuantLoRALinear.from_quantized(qw, A, B, lc, dtype=act_dtype())
             forward = layer
         elif kind == "dense-fold":
-            lin = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)
+            lin = torch.nn.Linear(size(in_f), size(out_f), bias=False, device=DEVICE, dtype=act_dtype())
             layer = baselines.DenseFoldLoRALinear(lin.requires_grad_(False), RANK, SCALING * RANK)
             forward = layer
         else:  # dense: frozen bf16 nn.Linear + LoRA, bf16 adapters (PEFT with autocast_adapter_dtype=False)
-            lin = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
-            A = randn(RANK, in_f, dtype=torch.bfloat16, seed=22, scale=0.02).requires_grad_(True)
-            B = randn(out_f, RANK, dtype=torch.bfloat16, seed=23, scale=0.02).requires_grad_(True)
+            lin = torch.nn.Linear(size(in_f), size(out_f), bias=False, device=DEVICE, dtype=act_dtype()).requires_grad_(False)
+            A = randn(RANK, in_f, dtype=act_dtype(), seed=22, scale=0.02).requires_grad_(True)
+            B = randn(out_f, RANK, dtype=act_dtype(), seed=23, scale=0.02).requires_grad_(True)
             forward = lambda t: lin(t) + SCALING * F.linear(F.linear(t, A), B)  # noqa: E731
 
         def step_fn():
@@ -327,9 +360,10 @@ def _dequant_alone(ctx, variant, in_f, out_f):
         from cloq_engine.kernels.utils import codebook_on
 
         qw = packed_weight(variant, out_f, in_f)
-        out = torch.empty(in_f, out_f, dtype=torch.bfloat16, device="cuda")
-        cb = codebook_on("cuda") if qw.is_nf4 else qw.scales
-        us = bench_us(lambda: dequant_into(out, qw.qweight, qw.scales, qw.zeros, cb, qw.bits, qw.group_size, in_f))
+        out = torch.empty(qw.in_features, qw.out_features, dtype=act_dtype(), device=DEVICE)
+        cb = codebook_on(DEVICE) if qw.is_nf4 else qw.scales
+        us = bench_us(lambda: dequant_into(out, qw.qweight, qw.scales, qw.zeros, cb, qw.bits, qw.group_size,
+                                           qw.in_features))
         nbytes = qw.nbytes + out.numel() * 2
         ceil = ceilings(ctx)
         return {"us": us, "gbps": nbytes / (us * 1e-6) / 1e9,
@@ -358,6 +392,8 @@ MODEL_VARIANTS = {  # variant -> estimate (build, first step incl. JIT, 2 warm-u
 def _model_args(layers=2, steps=5, warmup=2):
     import argparse
 
+    if SMOKE:
+        return argparse.Namespace(layers=1, batch=2, seq=16, steps=1, warmup=0, smoke=True)
     return argparse.Namespace(layers=layers, batch=4, seq=2048, steps=steps, warmup=warmup, smoke=False)
 
 
@@ -371,7 +407,7 @@ def _model_variant(variant: str, **kw):
         why = train.available(variant)
         if why:
             raise Skip(why)
-        row = asdict(train.run_variant(variant, _model_args(**kw), "cuda"))
+        row = asdict(train.run_variant(variant, _model_args(**kw), DEVICE))
         row["ms"] = row["median_step_ms"]
         return row
     return run
@@ -382,7 +418,7 @@ def _lm_head(**kw):
         _cuda()
         import train
 
-        share = train.lm_head_share(_model_args(**kw), "cuda")
+        share = train.lm_head_share(_model_args(**kw), DEVICE)
         return {"ms": share["lm_head_loss_ms"], **share}
     return run
 
@@ -402,9 +438,10 @@ def _prepare_block(blocks=1, samples=16):
 
         import prepare
 
-        args = argparse.Namespace(shape="llama3-8b", blocks=blocks, samples=samples, seq_len=2048, batch_size=8,
-                                  bits=2, group_size=128, rank=64, init="cloq", one_pass=False, report="sampled")
-        rep, wall, peak = prepare.one_run(args, torch.device("cuda"), torch.bfloat16)
+        args = argparse.Namespace(shape="small" if SMOKE else "llama3-8b", blocks=blocks, samples=2 if SMOKE else samples,
+                                  seq_len=32 if SMOKE else 2048, batch_size=8, bits=2, group_size=128,
+                                  rank=8 if SMOKE else 64, init="cloq", one_pass=False, report="sampled")
+        rep, wall, peak = prepare.one_run(args, torch.device(DEVICE), torch.float32 if SMOKE else torch.bfloat16)
         cols = ("capture_s", "quantize_s", "init_s", "forward_s", "report_s", "total_s")
         return {"wall_s_prepare": wall, "peak_gib": peak, "samples": samples,
                 "blocks": [{c: getattr(b, c) for c in cols} for b in rep.blocks]}

@@ -96,3 +96,27 @@ def test_without_a_gpu_every_measurement_is_skipped_with_the_reason(session, tmp
         assert session.run_step(name, ctx) == 0
     rows = [json.loads(line) for line in (tmp_path / "quick.jsonl").read_text().splitlines()]
     assert rows and all(r["status"] == "skipped" and r["reason"] == "no CUDA device" for r in rows)
+
+
+def test_quick_runs_end_to_end_on_the_cpu_in_smoke_mode(tmp_path):
+    """Every kind of quick measurement, its code run at tiny sizes under the Triton interpreter
+    (CLOQ_SESSION_SMOKE=1), through the real parent/child runner: results or reasoned skips, no errors."""
+    only = ["gpu, versions", "ceiling", "w3 4096x1001 M=1 ", "nf4 4096x4096 M=2048", "w2 4096x4096 M=64",
+            "decode ours w4 4096", "decode dense", "decode tinygemm-w4 4096", "decode gemlite-w2", "dequant w3",
+            "step ours w2 4096->14336", "step dense-fold 14336", "model step w2", "model step peft-bf16",
+            "model step bnb", "LM head"]
+    env = {**__import__("os").environ, "CLOQ_SESSION_SMOKE": "1", "TRITON_INTERPRET": "1", "CLOQ_NO_EXT": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "session.py"), "quick", "--out", str(tmp_path), "--only",
+                           ",".join(only), "--budget", "1500", "--step-slack", "100"], env=env, capture_output=True, text=True, timeout=1600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "quick.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if not r["label"].startswith(("(", "start"))]
+    bad = [(r["label"], r.get("error")) for r in measured if r["status"] not in ("ok", "skipped")]
+    assert not bad, bad
+    assert all(r.get("reason") for r in measured if r["status"] == "skipped")
+    labels = {r["label"] for r in measured if r["status"] == "ok"}
+    for what in ("w3 4096x1001 M=1 fwd+bwd", "decode ours w4 4096->14336", "dequant w3 4096x14336 -> bf16",
+                 "step dense-fold 14336->4096", "model step peft-bf16", "model LM head + loss alone"):
+        assert what in labels, what
+    assert all(r["ok"] for r in measured if "fwd+bwd" in r["label"])
+    assert "measurement" in proc.stdout  # the table came last

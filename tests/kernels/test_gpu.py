@@ -207,3 +207,27 @@ def test_decode_forward_replays_in_a_cuda_graph(bits, method):
         graph.replay()
         torch.cuda.synchronize()
         assert_rel_close(y, torch_ref.forward(x, qw, A, B, 2.0)[0], TOL[torch.bfloat16], f"replay {seed}")
+
+
+def test_a_captured_decode_graph_survives_a_later_workspace_growth():
+    """A larger call after the capture grows the shared workspace; the graph's buffers stay put."""
+    from cloq_engine.backends import torch_ref, workspace
+    from cloq_engine.backends import triton_backend as tb
+
+    workspace.clear()
+    K, N = 4096, 14336
+    qw = packed_weight(4, "rtn", N, K)
+    A, B = lora(N, K, torch.bfloat16)
+    x = randn(1, K, dtype=torch.bfloat16)
+    tb.forward(x, qw, A, B, 2.0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, _ = tb.forward(x, qw, A, B, 2.0)
+    tb.forward(randn(4096, K, dtype=torch.bfloat16, seed=3), qw, A, B, 2.0)  # dequant_mm: the workspace grows
+    tb.forward(randn(1, 2 * K, dtype=torch.bfloat16, seed=4)[:, :K].contiguous(), qw, A, B, 2.0)
+    for seed in (5, 6):
+        x.copy_(randn(1, K, dtype=torch.bfloat16, seed=seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_rel_close(y, torch_ref.forward(x, qw, A, B, 2.0)[0], TOL[torch.bfloat16], f"replay {seed}")
