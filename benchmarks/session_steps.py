@@ -279,7 +279,13 @@ def _graph_survives_growth():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y, _ = tb.forward(x, qw, A, B, SCALING)
-    tb.forward(randn(4096, K, dtype=act_dtype(), seed=13), qw, A, B, SCALING)  # grows the workspace
+    # grow every workspace slot the capture used: the split-K partials and counters (a wider layer,
+    # M = 1 and M = 16) and the dequant buffer (M = 4096)
+    qw2 = packed_weight("4", 2 * N, K, seed=1)
+    B2 = randn(2 * N, RANK, dtype=act_dtype(), seed=16, scale=0.02)
+    for m in (1, 16):
+        tb.forward(randn(m, K, dtype=act_dtype(), seed=13), qw2, A, B2, SCALING)
+    tb.forward(randn(4096, K, dtype=act_dtype(), seed=13), qw2, A, B2, SCALING)
     errs = []
     for seed in (14, 15):
         x.copy_(randn(1, K, dtype=act_dtype(), seed=seed))

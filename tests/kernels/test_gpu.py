@@ -224,8 +224,11 @@ def test_a_captured_decode_graph_survives_a_later_workspace_growth():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y, _ = tb.forward(x, qw, A, B, 2.0)
-    tb.forward(randn(4096, K, dtype=torch.bfloat16, seed=3), qw, A, B, 2.0)  # dequant_mm: the workspace grows
-    tb.forward(randn(1, 2 * K, dtype=torch.bfloat16, seed=4)[:, :K].contiguous(), qw, A, B, 2.0)
+    qw2 = packed_weight(4, "rtn", 2 * N, K, seed=1)  # a wider layer: every slot the capture used grows
+    A2, B2 = lora(2 * N, K, torch.bfloat16)
+    for m in (1, 16, 4096):  # split-K partials and counters (M = 1, 16), the dequant buffer (4096)
+        tb.forward(randn(m, K, dtype=torch.bfloat16, seed=3), qw2, A2, B2, 2.0)
+    assert workspace._retired, "the later calls should have outgrown the captured buffers"
     for seed in (5, 6):
         x.copy_(randn(1, K, dtype=torch.bfloat16, seed=seed))
         graph.replay()
