@@ -219,15 +219,21 @@ def test_a_captured_decode_graph_survives_a_later_workspace_growth():
     qw = packed_weight(4, "rtn", N, K)
     A, B = lora(N, K, torch.bfloat16)
     x = randn(1, K, dtype=torch.bfloat16)
-    tb.forward(x, qw, A, B, 2.0)
+    stream = torch.cuda.Stream()  # warm up on the capture stream, so the capture uses its persistent slots
+    torch.cuda.synchronize()  # the inputs were made on the default stream
+    with torch.cuda.stream(stream):
+        tb.forward(x, qw, A, B, 2.0)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         y, _ = tb.forward(x, qw, A, B, 2.0)
     qw2 = packed_weight(4, "rtn", 2 * N, K, seed=1)  # a wider layer: every slot the capture used grows
     A2, B2 = lora(2 * N, K, torch.bfloat16)
-    for m in (1, 16, 4096):  # split-K partials and counters (M = 1, 16), the dequant buffer (4096)
-        tb.forward(randn(m, K, dtype=torch.bfloat16, seed=3), qw2, A2, B2, 2.0)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        for m in (1, 16, 4096):  # split-K partials and counters (M = 1, 16), the dequant buffer (4096)
+            tb.forward(randn(m, K, dtype=torch.bfloat16, seed=3), qw2, A2, B2, 2.0)
+    torch.cuda.synchronize()
     assert workspace._retired, "the later calls should have outgrown the captured buffers"
     for seed in (5, 6):
         x.copy_(randn(1, K, dtype=torch.bfloat16, seed=seed))
