@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# Everything issue 9 asks a GPU session to run, in order, results under ${OUT:-out/gpu}.
-# Each step fits a 10-minute call on an H100; run them as separate calls if the lease is per call:
-#   bash benchmarks/gpu_session.sh tests | check | kernels | train | tune | all
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# What a lent GPU runs, one call at a time; results under ${OUT:-out/gpu}, a table printed last.
+#
+#   bash benchmarks/gpu_session.sh quick [--dry-run]   # <= 6 min on an H100/H200, JIT included: run first
+#   bash benchmarks/gpu_session.sh full N [--dry-run]  # N = 1..6, each a separate call of < 8 min
+#   bash benchmarks/gpu_session.sh full                # lists the full calls
+#
+# Every step runs in its own process under a time budget (no step starts past it, a hung one is
+# killed), a failure is recorded and the next step still runs, and every result is appended to
+# $OUT/<group>.jsonl as soon as it exists. No `set -e`: a failing command must not end the session.
+# The ahead-of-time compile check needs no GPU and runs in CI: python -m cloq_engine.kernels.check
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-out/gpu}
 PY=${PY:-python}
+group=${1:-quick}
+shift || true
+if [[ $group == full ]]; then
+  if [[ $1 =~ ^[0-9]+$ ]]; then
+    group="full-$1"
+    shift
+  else
+    $PY benchmarks/session.py list
+    echo "run one full group per call: bash benchmarks/gpu_session.sh full N"
+    exit 0
+  fi
+fi
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.csv" 2>/dev/null || true
-step=${1:-all}
-if [[ $step == tests || $step == all ]]; then
-  $PY -m pytest -m gpu -q -x tests 2>&1 | tee "$OUT/pytest_gpu.txt"
+if [[ " $* " != *" --dry-run "* ]]; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.sm --format=csv > "$OUT/gpu.csv" 2>&1
 fi
-if [[ $step == check || $step == all ]]; then
-  $PY -m cloq_engine.kernels.check --dtype bf16 --json > "$OUT/check.json"
-fi
-if [[ $step == kernels || $step == all ]]; then
-  $PY benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
-fi
-if [[ $step == train || $step == all ]]; then
-  $PY benchmarks/train.py --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
-fi
-if [[ $step == tune ]]; then
-  $PY benchmarks/kernels.py --tune "$OUT/configs_tuned.json" 2>&1 | tee "$OUT/tune.txt"
-fi
+$PY benchmarks/session.py "$group" --out "$OUT" "$@"

@@ -16,8 +16,9 @@ Then, per layer shape (in x out), bit width and M:
   (packed weight + activations), share of the measured GEMM rate.
 * ``step``: ``QuantLoRALinear`` forward + backward (the default path table) against dense LoRA
   under autograd (frozen bf16 ``nn.Linear`` + A, B), for M >= 256.
-* peers when importable, at M <= 16: torch's int4 tinygemm (``_weight_int4pack_mm``, W4 g128),
-  bitsandbytes ``matmul_4bit`` (NF4), GemLite (``A16Wn``).
+* peers at M <= 16 (``baselines.DECODE_PEERS``): torch's int4 tinygemm (``_weight_int4pack_mm``, W4
+  g128), bitsandbytes ``matmul_4bit`` (NF4), GemLite (``GemLiteLinear(...).pack(...)``, W4 and W2);
+  one that cannot run is reported as skipped with the reason.
 
 ``--tune PATH`` times every candidate config of every kernel at the given shapes and writes a
 table in the format of ``cloq_engine/kernels/configs.json`` for this GPU (merge it there).
@@ -33,7 +34,10 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # baselines.py beside this file
 
 RANK = 16
 SCALING = 2.0
@@ -133,64 +137,13 @@ def ceilings(args) -> Dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Peers (best effort: each returns None with the reason logged when it cannot run)
-# ---------------------------------------------------------------------------------------------
-def peer_tinygemm(x, in_f, out_f, copies):
-    import torch
-
-    try:
-        g = 128
-        Wq = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, device="cuda")
-        try:  # torch >= 2.5: uint8 [N, K/2] packed pairs
-            packed_in = (Wq[:, ::2] << 4 | Wq[:, 1::2]).to(torch.uint8)
-            packs = [torch.ops.aten._convert_weight_to_int4pack(packed_in, 8) for _ in range(copies)]
-        except Exception:
-            packs = [torch.ops.aten._convert_weight_to_int4pack(Wq, 8) for _ in range(copies)]
-        sz = torch.rand(in_f // g, out_f, 2, device="cuda", dtype=torch.bfloat16)
-        xb = x.to(torch.bfloat16)
-        torch.ops.aten._weight_int4pack_mm(xb, packs[0], g, sz)
-        return lambda: [torch.ops.aten._weight_int4pack_mm(xb, p, g, sz) for p in packs]
-    except Exception as e:
-        logger.info("peer tinygemm unavailable: %s", e)
-        return None
-
-
-def peer_bnb(x, in_f, out_f, copies):
-    try:
-        import bitsandbytes as bnb
-        import torch
-
-        states = [bnb.functional.quantize_4bit(torch.randn(out_f, in_f, device="cuda", dtype=x.dtype),
-                                               quant_type="nf4") for _ in range(copies)]
-        return lambda: [bnb.matmul_4bit(x, w.t(), quant_state=s) for w, s in states]
-    except Exception as e:
-        logger.info("peer bitsandbytes unavailable: %s", e)
-        return None
-
-
-def peer_gemlite(x, in_f, out_f, copies, bits):
-    try:
-        import torch
-        from gemlite.helper import A16Wn
-
-        layers = []
-        for _ in range(copies):
-            lin = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=x.dtype)
-            layers.append(A16Wn(device="cuda").from_linear(lin) if bits == 4 else
-                          A16Wn(device="cuda", W_nbits=bits).from_linear(lin))
-        return lambda: [layer(x) for layer in layers]
-    except Exception as e:
-        logger.info("peer gemlite unavailable: %s", e)
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------
 def run(args, ceil) -> List[Row]:
     import torch
     import torch.nn.functional as F
 
+    import baselines
     from cloq_engine.backends import triton_backend as tb
 
     device = "cpu" if args.smoke else "cuda"
@@ -199,7 +152,13 @@ def run(args, ceil) -> List[Row]:
     shapes = [(128, 96)] if args.smoke else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms_list = [1, 40] if args.smoke else [int(v) for v in args.m.split(",")]
     rows: List[Row] = []
+    skipped: List[dict] = []
     copy_bw, flops_rate = ceil["copy_bytes_per_s"], ceil["bf16_flops"]
+
+    def emit(record: dict) -> None:  # one line per result as soon as it exists (--jsonl)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def row(op, variant, bits, in_f, out_f, m, us, wbytes, dense_us):
         elem = torch.tensor([], dtype=dtype).element_size()
@@ -207,6 +166,7 @@ def run(args, ceil) -> List[Row]:
         fl = 2 * m * in_f * out_f * (3 if op == "step" else 1)
         rows.append(Row(op, variant, bits, in_f, out_f, m, us, wbytes / (us * 1e-6) / 1e9,
                         100 * total / copy_bw / (us * 1e-6), 100 * fl / flops_rate / (us * 1e-6), dense_us / us))
+        emit(asdict(rows[-1]))
 
     for in_f, out_f in shapes:
         for variant in args.bits.split(","):
@@ -227,27 +187,34 @@ def run(args, ceil) -> List[Row]:
                                  graph=small) / len(dense_w)
                 row("fwd", "dense", variant, in_f, out_f, m, dense_us, out_f * in_f * 2, dense_us)
 
-                paths = (["gemv"] if small else []) + ["fused", "dequant_mm:concat", "dequant_mm:addmm"]
+                paths = (["gemv"] if small else []) + ["fused", "dequant_mm", "dequant_mm:concat", "dequant_mm:addmm"]
                 if m > 2048:
                     paths.remove("fused")
                 for p in paths:
                     path, _, fold = p.partition(":")
                     os.environ["CLOQ_TRITON_PATH"] = path
-                    os.environ["CLOQ_LORA_FOLD"] = fold or "concat"
+                    if fold:  # forced; else the per-product choice
+                        os.environ["CLOQ_LORA_FOLD"] = fold
+                    else:
+                        os.environ.pop("CLOQ_LORA_FOLD", None)
                     us = bench(lambda: [tb.forward(x, qw, A, B, SCALING) for qw, A, B in use], graph=small) / len(use)
                     row("fwd", p, variant, in_f, out_f, m, us, use[0][0].nbytes, dense_us)
                 os.environ.pop("CLOQ_TRITON_PATH", None)
                 os.environ.pop("CLOQ_LORA_FOLD", None)
 
-                if small and not args.smoke and variant in ("4", "nf4", "2"):
-                    peers = {"tinygemm-w4": peer_tinygemm(x, in_f, out_f, n_copies) if variant == "4" else None,
-                             "bnb-nf4": peer_bnb(x, in_f, out_f, n_copies) if variant == "nf4" else None,
-                             f"gemlite-w{variant}": peer_gemlite(x, in_f, out_f, n_copies, int(variant))
-                             if variant in ("2", "4") else None}
-                    for name, fn in peers.items():
-                        if fn is not None:
-                            us = bench(fn, graph=True) / n_copies
-                            row("fwd", name, variant, in_f, out_f, m, us, use[0][0].nbytes, dense_us)
+                if small and not args.smoke:
+                    for name, (against, build) in baselines.DECODE_PEERS.items():
+                        if against != variant:
+                            continue
+                        try:
+                            us = bench(build(x, in_f, out_f, n_copies), graph=True) / n_copies
+                        except Exception as e:  # not installed, or failing here: reported, not dropped
+                            logger.info("peer %s skipped: %s", name, e)
+                            skipped.append({"op": "fwd", "variant": name, "bits": variant, "m": m,
+                                            "reason": f"{type(e).__name__}: {str(e)[:200]}"})
+                            emit({"status": "skipped", **skipped[-1]})
+                            continue
+                        row("fwd", name, variant, in_f, out_f, m, us, use[0][0].nbytes, dense_us)
 
                 if m >= 256 or (args.smoke and m == ms_list[-1]):
                     step_rows(bench, use[0], in_f, out_f, variant, m, dtype, device, row)
@@ -366,6 +333,7 @@ def main(argv=None) -> int:
     p.add_argument("--m", default="1,16,64,256,2048,8192", help="token counts M")
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096", help="in x out, comma separated")
     p.add_argument("--json", default=None, help="also write the rows and ceilings to this JSON file")
+    p.add_argument("--jsonl", default=None, help="append one JSON line per result as soon as it is measured")
     p.add_argument("--tune", default=None, help="time every config instead, and write a configs table here")
     p.add_argument("--no-graphs", dest="graphs", action="store_false",
                    help="time small M with do_bench (launch overhead included) instead of CUDA graphs")

@@ -1,7 +1,7 @@
 """Model-level training step: Llama-3-8B-shaped decoder blocks, LoRA on all 7 linears, AdamW.
 
-    cloq bench train [--variants w2,w3,w4,nf4,peft,bnb] [--layers 2] [--batch 4] [--seq 2048]
-                     [--steps 20] [--json PATH] [--smoke]
+    cloq bench train [--variants w2,w3,w4,nf4,peft,peft-bf16,dense-fold,bnb] [--layers 2] [--batch 4]
+                     [--seq 2048] [--steps 20] [--json PATH] [--jsonl PATH] [--smoke]
 
 The model is ``LlamaForCausalLM`` built from a ``LlamaConfig`` (hidden 4096, intermediate 14336,
 32 heads, 8 KV heads, vocab 128256, ``--layers`` blocks) with random bf16 weights, no download.
@@ -10,14 +10,22 @@ Each variant trains ``--steps`` steps of next-token loss on random tokens (batch
 
 * ``w2`` / ``w3`` / ``w4`` / ``nf4``: ours (``prepare_model``, RTN or NF4, zero init: the step
   cost does not depend on the init), group 128 (NF4: 64, as bitsandbytes);
-* ``peft``: PEFT LoRA on the bf16 base;
+* ``peft``: PEFT LoRA on the bf16 base, its default (fp32 adapters, x cast to fp32 in the branch);
+* ``peft-bf16``: the same with ``autocast_adapter_dtype=False`` (bf16 adapters);
+* ``dense-fold``: the bf16 base with our LoRA folding (``baselines.DenseFoldLoRALinear``), the limit
+  the dequantization can only add to;
 * ``bnb``: PEFT + bitsandbytes QLoRA (NF4, bf16 compute), when bitsandbytes imports.
+A variant that cannot run here is reported as skipped, with the reason.
 
 Reported per variant: the first step's wall time (compilation, any autotuning), the median step
-time over the timed steps (CUDA events), peak memory (``torch.cuda.max_memory_allocated``), and the
-loss (finite, as a sanity check). A table on stdout, JSON with ``--json``. On a machine without
-CUDA it prints "no GPU" and exits 0; ``--smoke`` instead runs a tiny config on the CPU through
-the torch reference backend (no timing meaning), to test the script itself.
+time over the timed steps (CUDA events), the memory the built model holds, the peak while it was
+built, and the training peak measured from after the build (each variant starts from a clean
+allocator: the previous model, optimizer and our workspace freed, the cache emptied), and the loss
+(finite, as a sanity check). ``lm_head_share`` times the LM head + loss alone (forward and backward
+on random hidden states): at vocab 128256 it is a large part of a small model's step, the same for
+every variant. A table on stdout, JSON with ``--json``, one line per variant as soon as it is
+measured with ``--jsonl``. On a machine without CUDA it prints "no GPU" and exits 0; ``--smoke``
+instead runs a tiny config on the CPU through the torch reference backend (no timing meaning).
 """
 from __future__ import annotations
 
@@ -30,11 +38,14 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # baselines.py beside this file
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
-VARIANTS = ("w2", "w3", "w4", "nf4", "peft", "bnb")
+VARIANTS = ("w2", "w3", "w4", "nf4", "peft", "peft-bf16", "dense-fold", "bnb")
 
 logger = logging.getLogger("benchmarks.train")
 
@@ -44,10 +55,13 @@ class Row:
     variant: str
     first_step_s: float
     median_step_ms: float
-    peak_gib: float
+    peak_gib: float  # training peak, from after the build
     trainable_params: int
     loss: float
     device: str
+    model_gib: float = float("nan")  # allocated once built
+    build_peak_gib: float = float("nan")
+    status: str = "ok"
 
 
 def llama_config(args):
@@ -61,48 +75,60 @@ def llama_config(args):
                        rope_theta=500000.0, tie_word_embeddings=False)
 
 
+def _ours(bits: str):
+    def build(model, args, dtype):
+        import cloq_engine as ce
+
+        nf4 = bits == "nf4"
+        group = 32 if args.smoke else (64 if nf4 else 128)
+        qc = ce.QuantConfig(bits=4 if nf4 else int(bits), group_size=group, method="nf4" if nf4 else "rtn")
+        lc = ce.LoRAConfig(rank=RANK, alpha=ALPHA, init="zero", target_modules=TARGETS)
+        return ce.prepare_model(model, qc, lc)
+    return build
+
+
+def _baseline(name: str):
+    def build(model, args, dtype):
+        import baselines
+
+        if name == "bnb":
+            return baselines.bnb_qlora(model, TARGETS, RANK, ALPHA, dtype)
+        if name == "dense-fold":
+            return baselines.dense_fold_model(model, TARGETS, RANK, ALPHA)
+        return baselines.peft_lora(model, TARGETS, RANK, ALPHA, fp32_adapters=name == "peft")
+    return build
+
+
+BUILDERS = {"w2": _ours("2"), "w3": _ours("3"), "w4": _ours("4"), "nf4": _ours("nf4"),
+            **{name: _baseline(name) for name in ("peft", "peft-bf16", "dense-fold", "bnb")}}
+
+
 def build_model(variant: str, args, device, dtype):
     import torch
     from transformers import LlamaForCausalLM
 
+    if variant not in BUILDERS:
+        raise ValueError(f"--variants: unknown variant {variant!r}; choose from {VARIANTS}")
     torch.manual_seed(0)
     cfg = llama_config(args)
     cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     model.requires_grad_(False)
-    if variant in ("w2", "w3", "w4", "nf4"):
-        import cloq_engine as ce
-
-        nf4 = variant == "nf4"
-        group = 32 if args.smoke else (64 if nf4 else 128)
-        qc = ce.QuantConfig(bits=4 if nf4 else int(variant[1]), group_size=group, method="nf4" if nf4 else "rtn")
-        lc = ce.LoRAConfig(rank=RANK, alpha=ALPHA, init="zero", target_modules=TARGETS)
-        model = ce.prepare_model(model, qc, lc)
-    elif variant == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
-    elif variant == "bnb":
-        model = _to_bnb_qlora(model, dtype)
-    else:
-        raise ValueError(f"--variants: unknown variant {variant!r}; choose from {VARIANTS}")
-    return model
+    return BUILDERS[variant](model, args, dtype)
 
 
-def _to_bnb_qlora(model, dtype):
-    """Swap the target linears for bitsandbytes NF4 ``Linear4bit`` (quantized on the GPU), then PEFT."""
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
+def clean_allocator(cuda: bool) -> None:
+    """Free what an earlier variant left: Python garbage, our dequant workspace, the CUDA cache."""
+    import torch
 
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in TARGETS:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=dtype, quant_type="nf4", device="cpu")
-                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                setattr(module, child_name, q.to(child.weight.device))
-    return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
+    from cloq_engine.backends import workspace
+
+    gc.collect()
+    workspace.clear()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def run_variant(variant: str, args, device) -> Row:
@@ -110,10 +136,15 @@ def run_variant(variant: str, args, device) -> Row:
 
     cuda = device == "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    clean_allocator(cuda)
     model = build_model(variant, args, device, dtype)
+    if cuda:
+        torch.cuda.synchronize()
+        model_gib = torch.cuda.memory_allocated() / 2**30
+        build_peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()  # the training peak counts from here
+    else:
+        model_gib = build_peak = float("nan")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.config.vocab_size
@@ -153,29 +184,65 @@ def run_variant(variant: str, args, device) -> Row:
             times.append(1e3 * (time.perf_counter() - t))
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     row = Row(variant, first, statistics.median(times), peak, sum(p.numel() for p in params), float(loss.detach()),
-              torch.cuda.get_device_name() if cuda else "cpu")
-    del model, opt, params
-    gc.collect()
+              torch.cuda.get_device_name() if cuda else "cpu", model_gib, build_peak)
+    del model, opt, params, loss
+    clean_allocator(cuda)
     return row
+
+
+def lm_head_share(args, device) -> dict:
+    """Median ms of the LM head + loss alone, forward and backward, on random hidden states."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg = llama_config(args)
+    cuda = device == "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    clean_allocator(cuda)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    h = torch.randn(args.batch, args.seq, cfg.hidden_size, generator=g).to(device, dtype).requires_grad_(True)
+    labels = torch.randint(0, cfg.vocab_size, (args.batch * args.seq,), generator=g).to(device)
+
+    def step():
+        h.grad = None
+        logits = head(h).float()
+        F.cross_entropy(logits.view(-1, cfg.vocab_size), labels).backward()
+
+    step()
+    times = []
+    for _ in range(max(args.steps, 1)):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            step()
+            times.append(1e3 * (time.perf_counter() - t))
+    del head, h, labels
+    clean_allocator(cuda)
+    return {"lm_head_loss_ms": statistics.median(times), "vocab": cfg.vocab_size, "tokens": args.batch * args.seq}
 
 
 def available(variant: str) -> Optional[str]:
     """None if the variant can run here, else why not."""
-    if variant == "bnb":
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as e:  # not installed, or no CUDA build
-            return f"bitsandbytes unavailable ({type(e).__name__})"
-    return None
+    import baselines
+
+    return baselines.availability(variant)
 
 
 def print_table(rows, args) -> None:
     shape = f"{args.layers} block(s), batch {args.batch}x{args.seq}, LoRA r{RANK} on {len(TARGETS)} linears, AdamW"
     print(f"training step: {shape}; device {rows[0].device if rows else '?'}")
-    print(f"{'variant':8} {'median ms':>10} {'peak GiB':>9} {'first step s':>13} {'trainable':>11} {'loss':>8}")
+    print(f"{'variant':10} {'median ms':>10} {'peak GiB':>9} {'model GiB':>9} {'build GiB':>9} {'first step s':>13} "
+          f"{'trainable':>11} {'loss':>8}")
     for r in rows:
-        print(f"{r.variant:8} {r.median_step_ms:10.2f} {r.peak_gib:9.2f} {r.first_step_s:13.2f} "
-              f"{r.trainable_params:11d} {r.loss:8.3f}")
+        print(f"{r.variant:10} {r.median_step_ms:10.2f} {r.peak_gib:9.2f} {r.model_gib:9.2f} {r.build_peak_gib:9.2f} "
+              f"{r.first_step_s:13.2f} {r.trainable_params:11d} {r.loss:8.3f}")
 
 
 def main(argv=None) -> int:
@@ -187,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--jsonl", default=None, help="append one JSON line per variant as soon as it is measured")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (torch backend): tests the script")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -208,17 +276,28 @@ def main(argv=None) -> int:
             return 0
         device = "cuda"
     rows = []
+
+    def emit(record: dict) -> None:
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     for v in variants:
         why = available(v)
         if why:
             logger.info("skipping %s: %s", v, why)
+            emit({"variant": v, "status": "skipped", "reason": why})
             continue
         logger.info("running %s", v)
         rows.append(run_variant(v, args, device))
+        emit(asdict(rows[-1]))
+    share = lm_head_share(args, device)
+    emit({"variant": "lm-head+loss", **share})
     print_table(rows, args)
+    print(f"LM head + loss alone (every variant pays it): {share['lm_head_loss_ms']:.2f} ms")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": [asdict(r) for r in rows]}, f, indent=1)
+            json.dump({"args": vars(args), "rows": [asdict(r) for r in rows], "lm_head": share}, f, indent=1)
     return 0
 
 

@@ -19,9 +19,14 @@ def _load(name):
 def test_train_smoke_writes_a_row_per_variant(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLOQ_BACKEND", "torch")  # the smoke run sets it; restored after the test
     out = tmp_path / "train.json"
-    assert _load("train").main(["--smoke", "--layers", "1", "--variants", "w2,nf4,peft", "--json", str(out)]) == 0
+    lines = tmp_path / "train.jsonl"
+    assert _load("train").main(["--smoke", "--layers", "1", "--variants", "w2,nf4,peft,peft-bf16,dense-fold",
+                                "--json", str(out), "--jsonl", str(lines)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["w2", "nf4", "peft"]
+    assert [r["variant"] for r in rows] == ["w2", "nf4", "peft", "peft-bf16", "dense-fold"]
+    streamed = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [r["variant"] for r in streamed] == ["w2", "nf4", "peft", "peft-bf16", "dense-fold", "lm-head+loss"]
+    assert streamed[-1]["lm_head_loss_ms"] > 0
     assert all(r["trainable_params"] == rows[0]["trainable_params"] > 0 for r in rows)  # same LoRA everywhere
     assert all(r["loss"] == r["loss"] and r["median_step_ms"] > 0 for r in rows)
     assert "median ms" in capsys.readouterr().out
@@ -45,3 +50,26 @@ def test_kernels_smoke_runs_every_path(tmp_path, monkeypatch, capsys):
     assert {("fwd", "gemv", 1), ("fwd", "fused", 40), ("fwd", "dequant_mm:concat", 40), ("fwd", "dequant_mm:addmm", 1),
             ("fwd", "dense", 40), ("step", "auto", 40), ("step", "dense", 40)} <= seen
     assert "CLOQ_TRITON_PATH" not in __import__("os").environ
+
+
+def test_dense_fold_baseline_matches_dense_lora_in_both_folds(monkeypatch):
+    """The dense-with-our-folding baseline computes the same function and gradients as a plain
+    frozen Linear + LoRA, whichever fold each product takes."""
+    import torch
+
+    baselines = _load("baselines")
+    torch.manual_seed(0)
+    for K, N in ((24, 40), (40, 24)):  # forward concat / dX addmm, and the reverse
+        lin = torch.nn.Linear(K, N, bias=True).double()
+        layer = baselines.DenseFoldLoRALinear(lin, rank=5, alpha=10.0)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        x = torch.randn(3, 7, K, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn(3, 7, N, dtype=torch.float64)
+        layer(x).backward(dy)
+        xr = x.detach().clone().requires_grad_(True)
+        A, B = layer.lora_A.detach().clone().requires_grad_(True), layer.lora_B.detach().clone().requires_grad_(True)
+        (lin(xr) + 2.0 * (xr @ A.t()) @ B.t()).backward(dy)
+        torch.testing.assert_close(x.grad, xr.grad)
+        torch.testing.assert_close(layer.lora_A.grad, A.grad)
+        torch.testing.assert_close(layer.lora_B.grad, B.grad)

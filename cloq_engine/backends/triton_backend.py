@@ -12,8 +12,9 @@ place that picks a kernel by M, from the tables below. Three paths compute a pro
 * ``dequant_mm`` (training, prefill): :func:`..kernels.dequant.dequant_into` writes Ŵᵀ in x's
   dtype into a per-device workspace (:mod:`.workspace`), laid out for ONE cuBLAS call per product
   with the LoRA folded in: forward ``y = [x | S]·[Ŵᵀ ; s·Bᵀ] (+ bias)``, backward
-  ``dX = [dY | dS]·[Ŵᵀ | Aᵀ]ᵀ``. With ``CLOQ_LORA_FOLD=addmm`` the LoRA terms are separate
-  ``addmm_`` calls instead (``y = x·Ŵᵀ; y += s·S·Bᵀ``), to measure both forms.
+  ``dX = [dY | dS]·[Ŵᵀ | Aᵀ]ᵀ``, where copying the activation side costs less than one more pass
+  over the output; otherwise (inner > outer: down_proj's forward, gate/up's dX) the LoRA term is a
+  separate ``addmm_`` (``y = x·Ŵᵀ; y += s·S·Bᵀ``). ``CLOQ_LORA_FOLD`` forces one form, to measure both.
 
 ``S``, ``dS``, ``dA``, ``dB`` are always ``torch.mm`` (cuBLAS), in x's dtype with float32
 accumulation (as PEFT LoRA computes them), then cast to the parameters' dtypes. Nothing
@@ -98,8 +99,15 @@ def backward_path(m: int) -> Path:
     return next(path for max_m, path in BACKWARD_PATHS if m <= max_m)
 
 
-def lora_fold() -> LoraFold:
-    return LoraFold(_forced("CLOQ_LORA_FOLD", {f.value for f in LoraFold}) or LoraFold.CONCAT)
+def lora_fold(inner: int, outer: int) -> LoraFold:
+    """How the LoRA term joins a product ``out[M, outer] = a[M, inner]·W``: concatenation copies the
+    activation side ``a`` (M x inner elements) once, ``addmm_`` re-reads and re-writes the output
+    (M x outer) once more; the cheaper one wins (``CLOQ_LORA_FOLD`` forces one, for measurements).
+    Forward: inner K, outer N; dX: inner N, outer K (so down_proj's forward and gate/up's dX addmm)."""
+    forced = _forced("CLOQ_LORA_FOLD", {f.value for f in LoraFold})
+    if forced is not None:
+        return LoraFold(forced)
+    return LoraFold.CONCAT if inner <= outer else LoraFold.ADDMM
 
 
 def uses_gemv(m: int) -> bool:
@@ -125,53 +133,81 @@ def _padded_rank(r: int) -> int:
     return -(-r // 8) * 8
 
 
+def _concat_forward(x, S, B, bias, scaling, fill):
+    """y = [x | S | 0]·[Ŵᵀ ; s·Bᵀ ; 0] (+ bias): one GEMM, x copied once (M x K)."""
+    M, K = x.shape
+    N, r = B.shape
+    rp = _padded_rank(r)
+    W1 = workspace.buffer((K + rp, N), x.dtype, x.device)
+    fill(W1[:K])
+    torch.mul(B.t(), scaling, out=W1[K:K + r])
+    xs = torch.empty((M, K + rp), dtype=x.dtype, device=x.device)
+    xs[:, :K].copy_(x)
+    xs[:, K:K + r].copy_(S)
+    if rp > r:
+        W1[K + r:].zero_()
+        xs[:, K + r:].zero_()
+    return torch.mm(xs, W1) if bias is None else torch.addmm(bias, xs, W1)
+
+
+def _addmm_forward(x, S, B, bias, scaling, fill):
+    """y = x·Ŵᵀ (+ bias), then y += s·S·Bᵀ in place: y (M x N) is read and written once more."""
+    K, N = x.shape[1], B.shape[0]
+    Wt = workspace.buffer((K, N), x.dtype, x.device)
+    fill(Wt)
+    y = torch.mm(x, Wt) if bias is None else torch.addmm(bias, x, Wt)
+    return y.addmm_(S, B.t(), alpha=scaling)
+
+
+def _concat_input_grad(dy, dS, A, K, fill):
+    """dX = [dY | dS | 0]·[Ŵᵀ | Aᵀ | 0]ᵀ: one GEMM, dY copied once (M x N)."""
+    M, N = dy.shape
+    r = dS.shape[1]
+    rp = _padded_rank(r)
+    W2 = workspace.buffer((K, N + rp), dy.dtype, dy.device)
+    fill(W2[:, :N])
+    W2[:, N:N + r].copy_(A.t())
+    dys = torch.empty((M, N + rp), dtype=dy.dtype, device=dy.device)
+    dys[:, :N].copy_(dy)
+    dys[:, N:N + r].copy_(dS)
+    if rp > r:
+        W2[:, N + r:].zero_()
+        dys[:, N + r:].zero_()
+    return torch.mm(dys, W2.t())
+
+
+def _addmm_input_grad(dy, dS, A, K, fill):
+    """dX = dY·Ŵ, then dX += dS·A in place: dX (M x K) is read and written once more."""
+    Wt = workspace.buffer((K, dy.shape[1]), dy.dtype, dy.device)
+    fill(Wt)
+    dx = torch.mm(dy, Wt.t())
+    return dx if dS is None else dx.addmm_(dS, A)
+
+
+FORWARD_FOLDS = {LoraFold.CONCAT: _concat_forward, LoraFold.ADDMM: _addmm_forward}
+INPUT_GRAD_FOLDS = {LoraFold.CONCAT: _concat_input_grad, LoraFold.ADDMM: _addmm_input_grad}
+
+
+def _dequant_fill(qweight, scales, zeros, bits: int, group_size: int, K: int):
+    codebook = _codebook(scales, zeros)
+    return lambda dst: dequant_into(dst, qweight, scales, zeros, codebook, bits, group_size, K)
+
+
 def _dequant_mm_forward(x: Tensor, qweight, scales, zeros, S: Tensor, B: Tensor, bias: Optional[Tensor],
                         scaling: float, bits: int, group_size: int) -> Tensor:
     """y = x·Ŵᵀ + scaling·S·Bᵀ (+ bias) with one dequant launch and one (or two) cuBLAS calls."""
-    M, K = x.shape
-    N, r = qweight.shape[1], S.shape[1]
+    K, N = x.shape[1], qweight.shape[1]
     bias = None if bias is None else bias.to(x.dtype)
-    codebook = _codebook(scales, zeros)
-    if lora_fold() == LoraFold.CONCAT:
-        rp = _padded_rank(r)
-        W1 = workspace.buffer((K + rp, N), x.dtype, x.device)  # [Ŵᵀ ; s·Bᵀ ; 0]
-        dequant_into(W1[:K], qweight, scales, zeros, codebook, bits, group_size, K)
-        torch.mul(B.t(), scaling, out=W1[K:K + r])
-        xs = torch.empty((M, K + rp), dtype=x.dtype, device=x.device)  # [x | S | 0]
-        xs[:, :K].copy_(x)
-        xs[:, K:K + r].copy_(S)
-        if rp > r:
-            W1[K + r:].zero_()
-            xs[:, K + r:].zero_()
-        return torch.mm(xs, W1) if bias is None else torch.addmm(bias, xs, W1)
-    Wt = workspace.buffer((K, N), x.dtype, x.device)
-    dequant_into(Wt, qweight, scales, zeros, codebook, bits, group_size, K)
-    y = torch.mm(x, Wt) if bias is None else torch.addmm(bias, x, Wt)
-    return y.addmm_(S, B.t(), alpha=scaling)
+    fold = FORWARD_FOLDS[lora_fold(inner=K, outer=N)]
+    return fold(x, S, B, bias, scaling, _dequant_fill(qweight, scales, zeros, bits, group_size, K))
 
 
 def _dequant_mm_input_grad(dy: Tensor, qweight, scales, zeros, dS: Optional[Tensor], A: Tensor, bits: int,
                            group_size: int, K: int) -> Tensor:
     """dX = dY·Ŵ (+ dS·A) with one dequant launch and one (or two) cuBLAS calls."""
-    M, N = dy.shape
-    codebook = _codebook(scales, zeros)
-    if dS is not None and lora_fold() == LoraFold.CONCAT:
-        r = dS.shape[1]
-        rp = _padded_rank(r)
-        W2 = workspace.buffer((K, N + rp), dy.dtype, dy.device)  # [Ŵᵀ | Aᵀ | 0]
-        dequant_into(W2[:, :N], qweight, scales, zeros, codebook, bits, group_size, K)
-        W2[:, N:N + r].copy_(A.t())
-        dys = torch.empty((M, N + rp), dtype=dy.dtype, device=dy.device)  # [dY | dS | 0]
-        dys[:, :N].copy_(dy)
-        dys[:, N:N + r].copy_(dS)
-        if rp > r:
-            W2[:, N + r:].zero_()
-            dys[:, N + r:].zero_()
-        return torch.mm(dys, W2.t())
-    Wt = workspace.buffer((K, N), dy.dtype, dy.device)
-    dequant_into(Wt, qweight, scales, zeros, codebook, bits, group_size, K)
-    dx = torch.mm(dy, Wt.t())
-    return dx if dS is None else dx.addmm_(dS, A)
+    fill = _dequant_fill(qweight, scales, zeros, bits, group_size, K)
+    fold = LoraFold.ADDMM if dS is None else lora_fold(inner=dy.shape[1], outer=K)
+    return INPUT_GRAD_FOLDS[fold](dy, dS, A, K, fill)
 
 
 # ---------------------------------------------------------------------------------------------

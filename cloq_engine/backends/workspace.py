@@ -8,18 +8,24 @@ cannot overwrite Ŵ while a GEMM still reads it. Nothing dequantized is saved fo
 backward dequantizes again), so training memory holds one weight-sized buffer, not one per layer.
 
 Buffers are keyed by stream as well, so work on two streams never shares one. A buffer only
-grows (to the largest layer seen) and is released by :func:`clear`. During CUDA-graph capture a
-buffer that must grow is allocated for that call only (it belongs to the graph's private pool and
-must not outlive the graph); warm up outside capture, as ``torch.cuda.graphs`` requires anyway.
+grows (to the largest layer seen, in steps of at least 1.5x) and is released by :func:`clear`.
+
+CUDA graphs: a graph keeps the addresses it captured, so a buffer is never freed or moved by a
+later call. When a slot must grow, the old buffer is retired, not freed: it stays allocated (a
+graph captured earlier may still replay on it) until :func:`clear`, which must not be called while
+such a graph is alive. The geometric growth bounds the retired bytes by twice the live ones. During
+capture a buffer that must grow is allocated for that call only (from the graph's private pool,
+which the graph keeps); warm up outside capture, as ``torch.cuda.graphs`` requires anyway.
 """
 from __future__ import annotations
 
 import threading
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
 _buffers: Dict[Tuple, torch.Tensor] = {}
+_retired: List[torch.Tensor] = []  # outgrown buffers, kept alive for graphs that captured them
 _lock = threading.Lock()
 
 
@@ -51,19 +57,27 @@ def buffer(shape, dtype: torch.dtype, device, slot: str = "weight", zeroed: bool
         with _lock:
             buf = _buffers.get(key)
             if buf is None or buf.numel() < numel:
-                _buffers.pop(key, None)  # free the old one before allocating the larger
-                buf = alloc(numel, dtype=dtype, device=device)
+                size = numel
+                if buf is not None:
+                    _retired.append(buf)
+                    size = max(numel, buf.numel() * 3 // 2)
+                buf = alloc(size, dtype=dtype, device=device)
                 _buffers[key] = buf
     return buf[:numel].view(shape)
 
 
-def nbytes(device=None) -> int:
-    """Bytes held by the buffers (of ``device``, or all)."""
+def nbytes(device=None, retired: bool = True) -> int:
+    """Bytes held by the buffers (of ``device``, or all), the retired ones included unless told."""
     dev = None if device is None else torch.device(device)
-    return sum(b.numel() * b.element_size() for k, b in _buffers.items() if dev is None or k[0] == dev)
+    live = sum(b.numel() * b.element_size() for k, b in _buffers.items() if dev is None or k[0] == dev)
+    if retired:
+        live += sum(b.numel() * b.element_size() for b in _retired if dev is None or b.device == dev)
+    return live
 
 
 def clear() -> None:
-    """Release every buffer (e.g. before handing the GPU memory to something else)."""
+    """Release every buffer, retired ones included (e.g. between benchmark variants). No CUDA graph
+    that captured a call using them may replay afterwards."""
     with _lock:
         _buffers.clear()
+        _retired.clear()

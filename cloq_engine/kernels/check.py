@@ -52,6 +52,7 @@ class CheckResult:
     regs: int
     spill_bytes: int
     shared_bytes: int
+    barriers: int  # bar.sync in the PTX: block-wide barriers (layout round trips, split-K hand-off)
     ok: bool
 
 
@@ -98,14 +99,18 @@ def kernel_cases(bits_variants=BIT_VARIANTS, dtype: torch.dtype = torch.float16)
         cases.append(KernelCase(f"dequant_gemm[{variant}]", dequant_gemm.dequant_gemm_kernel,
                                 dict(fwd, y_ptr=Ptr(dtype)), dict(meta, HAS_LORA=True, HAS_BIAS=True),
                                 dequant_gemm.gemm_configs()))
-        for block_m in (1, gemv.MAX_M):
-            cases.append(KernelCase(
-                f"gemv[{variant},m{block_m}]", gemv.gemv_kernel,
-                dict(fwd, M=block_m, y_ptr=Ptr(dtype), part_ptr=Ptr(torch.float32), lock_ptr=Ptr(torch.int32),
-                     tiles_per_split=8),
-                dict(meta, HAS_LORA=True, HAS_BIAS=True, BLOCK_M=block_m),
-                [_config({**c.kwargs, "SPLIT_K": c.kwargs["SPLIT_K"] or 4}, c.num_warps, c.num_stages)
-                 for c in gemv.gemv_configs()]))
+        split4 = lambda cfgs: [_config({**c.kwargs, "SPLIT_K": c.kwargs["SPLIT_K"] or 4}, c.num_warps, c.num_stages)
+                               for c in cfgs]
+        m1 = {k: v for k, v in fwd.items() if k not in ("M", "stride_xm", "stride_lm", "stride_ym")}
+        cases.append(KernelCase(
+            f"gemv[{variant}]", gemv.gemv_kernel,
+            dict(m1, y_ptr=Ptr(dtype), part_ptr=Ptr(torch.float32), lock_ptr=Ptr(torch.int32), tiles_per_split=8),
+            dict(BITS=bits, NF4=nf4, R_PAD=16, HAS_LORA=True, HAS_BIAS=True), split4(gemv.gemv_configs())))
+        cases.append(KernelCase(
+            f"gemv_dot[{variant}]", gemv.gemv_dot_kernel,
+            dict(fwd, M=gemv.MAX_M, y_ptr=Ptr(dtype), part_ptr=Ptr(torch.float32), lock_ptr=Ptr(torch.int32),
+                 tiles_per_split=8),
+            dict(meta, HAS_LORA=True, HAS_BIAS=True, BLOCK_M=gemv.MAX_M), split4(gemv.gemv_dot_configs())))
         cases.append(KernelCase(
             f"dequant_gemm_t[{variant}]", dequant_gemm_t.dequant_gemm_t_kernel,
             dict(dy_ptr=Ptr(dtype), ds_ptr=Ptr(torch.float32), a_ptr=Ptr(dtype), dx_ptr=Ptr(dtype), M=2048, N=N,
@@ -194,7 +199,7 @@ def compile_case(case: KernelCase, cfg, cap: int) -> CheckResult:
     shared = int(compiled.metadata.shared) + usage["static_shared"]
     spill = usage["stack"] + usage["local"]  # ptxas spills into the stack frame (triton kernels use no other)
     return CheckResult(case.name, f"sm_{cap}", _config_str(cfg), usage["regs"], spill, shared,
-                       ok=within_limits(cap, spill, shared))
+                       compiled.asm["ptx"].count("bar.sync"), ok=within_limits(cap, spill, shared))
 
 
 def within_limits(cap: int, spill_bytes: int, shared_bytes: int) -> bool:
@@ -221,10 +226,11 @@ def run_checks(cases: List[KernelCase], archs=ARCHS, max_configs: Optional[int] 
 # Command line
 # ---------------------------------------------------------------------------------------------
 def _table(results: List[CheckResult]) -> Iterator[str]:
-    yield f"{'kernel':34} {'arch':6} {'regs':>4} {'spill':>5} {'shared':>7}  config"
+    yield f"{'kernel':34} {'arch':6} {'regs':>4} {'spill':>5} {'shared':>7} {'bar':>4}  config"
     for r in results:
         flag = "" if r.ok else "  <-- FAIL"
-        yield f"{r.kernel:34} {r.arch:6} {r.regs:4d} {r.spill_bytes:5d} {r.shared_bytes:7d}  {r.config}{flag}"
+        yield (f"{r.kernel:34} {r.arch:6} {r.regs:4d} {r.spill_bytes:5d} {r.shared_bytes:7d} {r.barriers:4d}  "
+               f"{r.config}{flag}")
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,12 @@ never reshaped and the store is coalesced along N, which is contiguous in both t
 and the destination. ``BLOCK_K`` divides the group size (or there is one group), so the tile uses
 one scale row: ``w = q·s + z'`` with ``z' = -z·s`` (exactly ``(q - z)·s`` before the final
 rounding, since both products are exact in float32). Destination offsets are 64-bit.
+
+Every width streams at the same layout: BLOCK_N = 4 columns x 32 threads x warps, so the 16-byte
+word loads put all warps along N, and the stores are capped at 4 columns a thread (8-byte bf16
+stores, whole sectors per warp) to keep that layout; the 3-bit 1-bit plane is loaded at the 2-bit
+plane's shape and NF4 levels come from a register select tree. No tile goes through shared memory
+(the compile check shows no barrier in any width).
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .utils import INTERPRET, along_n, expanded_codes, load_group_params
+from .utils import INTERPRET, along_n, expanded_codes, load_group_params, nf4_levels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -30,15 +36,13 @@ from .utils import INTERPRET, along_n, expanded_codes, load_group_params
 def dequant_configs() -> list:
     """Every config the shipped table may name (the compile check covers all of them)."""
     rows = [
-        # BLOCK_K, BLOCK_N, warps
-        (32, 64, 4),
-        (32, 128, 4),
-        (32, 256, 4),
-        (64, 128, 4),
-        (64, 256, 8),
-        (128, 128, 8),
-        (128, 256, 8),
-    ]
+        # BLOCK_K, BLOCK_N, warps. BLOCK_N = 4 columns x 32 threads x warps: the packed-word loads
+        # (16 bytes = 4 columns a thread) and the stores (capped at 4 columns) then share one layout
+        # with every warp along N, so no tile changes layout through shared memory
+        (32, 512, 4),
+        (32, 1024, 8),
+        (32, 256, 2),
+    ]  # BLOCK_K = 64 or 128 spills at 3 bits and NF4 (see kernels.check)
     return [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=1) for bk, bn, w in rows]
 
 
@@ -46,7 +50,7 @@ def _fits(cfg: dict, K: int, group_size: int) -> bool:
     return group_size >= K or group_size % cfg["BLOCK_K"] == 0
 
 
-DEFAULT = triton.Config({"BLOCK_K": 32, "BLOCK_N": 128}, num_warps=4, num_stages=1)
+DEFAULT = triton.Config({"BLOCK_K": 32, "BLOCK_N": 512}, num_warps=4, num_stages=1)
 
 
 def pick_config(K: int, N: int, bits: int, group_size: int, device, bench=None) -> triton.Config:
@@ -86,11 +90,14 @@ def dequant_kernel(
 
     # ---------------------------------------------------------------- words -> codes, in registers
     codes, kk = expanded_codes(q_ptr, k0, offs_n, mask_n, KP, stride_qk, stride_qn, BITS, BLOCK_K)
-    n_ = along_n(offs_n, BITS)
+    # the store keeps the packed words' layout (4 columns a thread, 8-byte bf16 stores, still whole
+    # sectors per warp): capping the known contiguity at 4 stops Triton from re-laying the tile out
+    # in shared memory for 16-byte stores
+    n_ = along_n(tl.max_contiguous(offs_n, 4), BITS)
 
     # ---------------------------------------------------------------- dequantize, store
     if NF4:
-        w = tl.load(codebook_ptr + codes) * along_n(s, BITS)
+        w = nf4_levels(codes, codebook_ptr) * along_n(s, BITS)
     else:
         w = codes.to(tl.float32) * along_n(s, BITS) + along_n(zs, BITS)
     dst = w_ptr + kk.to(tl.int64) * stride_wk + n_.to(tl.int64) * stride_wn

@@ -78,8 +78,7 @@ def load_group_params(scales_ptr, zeros_ptr, g, offs_n, mask_n, stride_sg, strid
 def dequant_tile(codes, s, zs, codebook_ptr, NF4: tl.constexpr):
     """float32 W^T tile [BLOCK_K, BLOCK_N] from codes and one scale row: q*s + z' (NF4: cb[q]*s)."""
     if NF4:
-        v = tl.load(codebook_ptr + codes)
-        w = v * s[None, :]
+        w = nf4_levels(codes, codebook_ptr) * s[None, :]
     else:
         w = codes.to(tl.float32) * s[None, :] + zs[None, :]
     return w
@@ -103,7 +102,10 @@ def expanded_codes(q_ptr, k0, offs_n, mask_n, KP, stride_qk, stride_qn, BITS: tl
         mn = mask_n[None, None, None, :]
         r_lo = k0 // 16 + 2 * a + b
         lo = tl.load(q_ptr + r_lo * stride_qk + n_ * stride_qn, mask=(r_lo < KP // 16) & mn, other=0)
-        r_hi = k0 // 32 + a
+        # the 1-bit plane word is loaded at the 2-bit plane's shape (once per half b, an L1 hit the
+        # second time): both loads then get one layout, so only packed words ever change layout,
+        # never the expanded tile
+        r_hi = k0 // 32 + a + 0 * b
         hi = tl.load(q_ptr + (KP // 16 + r_hi) * stride_qk + n_ * stride_qn, mask=(r_hi < KP // 32) & mn, other=0)
         codes = ((lo >> (2 * c)) & 3) | (((hi >> (16 * b + c)) & 1) << 2)
         kk = k0 + 32 * a + 16 * b + c
@@ -116,6 +118,65 @@ def expanded_codes(q_ptr, k0, offs_n, mask_n, KP, stride_qk, stride_qn, BITS: tl
         codes = (words >> (j * BITS)) & ((1 << BITS) - 1)
         kk = r * PER_WORD + j
     return codes, kk
+
+
+@triton.jit
+def load_words(q_ptr, k0, k_stop, offs_n, mask_n, KP, stride_qk, stride_qn, BITS: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """The packed words of K rows ``k0 .. k0 + BLOCK_K`` at their packed shape, each loaded once, with
+    size-1 code axes so that :func:`expand_words` broadcasts them without a layout change.
+
+    2/4-bit: (words [BLOCK_K / PW, 1, BLOCK_N], the same again). 3-bit: (2-bit plane words
+    [BLOCK_K / 32, 2, 1, BLOCK_N], 1-bit plane words at the same shape). K rows at or past
+    ``k_stop`` (a multiple of 32, at most the padded K ``KP``) and columns off ``mask_n`` read as 0
+    and cost no memory traffic.
+    """
+    if BITS == 3:
+        a = tl.arange(0, BLOCK_K // 32)[:, None, None, None]
+        b = tl.arange(0, 2)[None, :, None, None]
+        n_ = offs_n[None, None, None, :]
+        mn = mask_n[None, None, None, :]
+        r_lo = k0 // 16 + 2 * a + b
+        lo = tl.load(q_ptr + r_lo * stride_qk + n_ * stride_qn, mask=(r_lo < k_stop // 16) & mn, other=0)
+        r_hi = k0 // 32 + a + 0 * b  # at the 2-bit plane's shape: one layout for both (see expanded_codes)
+        hi = tl.load(q_ptr + (KP // 16 + r_hi) * stride_qk + n_ * stride_qn, mask=(r_hi < k_stop // 32) & mn,
+                     other=0)
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        r = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)[:, None, None]
+        lo = tl.load(q_ptr + r * stride_qk + offs_n[None, None, :] * stride_qn,
+                     mask=(r < k_stop // PER_WORD) & mask_n[None, None, :], other=0)
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
+def expand_words(lo, hi, BITS: tl.constexpr):
+    """int32 codes of :func:`load_words`' words, expanded over the code axes (see :func:`tile_rows`)."""
+    if BITS == 3:
+        b = tl.arange(0, 2)[None, :, None, None]
+        c = tl.arange(0, 16)[None, None, :, None]
+        codes = ((lo >> (2 * c)) & 3) | (((hi >> (16 * b + c)) & 1) << 2)
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        j = tl.arange(0, PER_WORD)[None, :, None]
+        codes = (lo >> (j * BITS)) & ((1 << BITS) - 1)
+    return codes
+
+
+@triton.jit
+def tile_rows(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K offset (0 .. BLOCK_K) of each position of :func:`expand_words`' codes, with a size-1 N axis:
+    2/4-bit [BLOCK_K / PW, PW, 1] (k = PW·r + j), 3-bit [BLOCK_K / 32, 2, 16, 1] (k = 32a + 16b + c)."""
+    if BITS == 3:
+        a = tl.arange(0, BLOCK_K // 32)[:, None, None, None]
+        b = tl.arange(0, 2)[None, :, None, None]
+        c = tl.arange(0, 16)[None, None, :, None]
+        kk = 32 * a + 16 * b + c
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        kk = PER_WORD * tl.arange(0, BLOCK_K // PER_WORD)[:, None, None] + tl.arange(0, PER_WORD)[None, :, None]
+    return kk
 
 
 @triton.jit
@@ -138,11 +199,43 @@ def sum_over_k(t, BITS: tl.constexpr):
 
 
 @triton.jit
+def _pick(bit, codebook_ptr, i: tl.constexpr):
+    """codebook[i + 1] where ``bit`` is set, else codebook[i] (two uniform scalar loads, hoisted)."""
+    return tl.where(bit, tl.load(codebook_ptr + i + 1), tl.load(codebook_ptr + i))
+
+
+@triton.jit
+def nf4_levels(codes, codebook_ptr):
+    """float32 codebook[codes] for 4-bit codes from the 16 levels held in registers: a select tree
+    over the code's bits (15 selects). A gather ``tl.load(codebook_ptr + codes)`` has no contiguity,
+    so Triton gives it its own layout and round-trips the whole tile through shared memory."""
+    b0 = (codes & 1) != 0
+    v0 = _pick(b0, codebook_ptr, 0)
+    v1 = _pick(b0, codebook_ptr, 2)
+    v2 = _pick(b0, codebook_ptr, 4)
+    v3 = _pick(b0, codebook_ptr, 6)
+    v4 = _pick(b0, codebook_ptr, 8)
+    v5 = _pick(b0, codebook_ptr, 10)
+    v6 = _pick(b0, codebook_ptr, 12)
+    v7 = _pick(b0, codebook_ptr, 14)
+    b1 = (codes & 2) != 0
+    u0 = tl.where(b1, v1, v0)
+    u1 = tl.where(b1, v3, v2)
+    u2 = tl.where(b1, v5, v4)
+    u3 = tl.where(b1, v7, v6)
+    b2 = (codes & 4) != 0
+    t0 = tl.where(b2, u1, u0)
+    t1 = tl.where(b2, u3, u2)
+    return tl.where((codes & 8) != 0, t1, t0)
+
+
+@triton.jit
 def codes_to_float(codes, codebook_ptr, NF4: tl.constexpr):
-    """float32 codes (NF4: the codebook levels). Integer codes use the 2^23 trick: OR-ing the
-    exponent bits of 2^23 and subtracting 2^23 is one logic op and one add, no int->float convert."""
+    """float32 codes (NF4: the codebook levels, :func:`nf4_levels`). Integer codes use the 2^23
+    trick: OR-ing the exponent bits of 2^23 and subtracting 2^23 is one logic op and one add, no
+    int->float convert."""
     if NF4:
-        v = tl.load(codebook_ptr + codes)
+        v = nf4_levels(codes, codebook_ptr)
     else:
         v = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     return v

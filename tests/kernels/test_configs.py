@@ -9,6 +9,7 @@ from cloq_engine.kernels import configs, dequant, dequant_gemm, dequant_gemm_t, 
 KERNEL_CONFIGS = {
     "dequant": dequant.dequant_configs,
     "gemv": gemv.gemv_configs,
+    "gemv_dot": gemv.gemv_dot_configs,
     "dequant_gemm": dequant_gemm.gemm_configs,
     "dequant_gemm_t": dequant_gemm_t.gemm_t_configs,
 }

@@ -5,19 +5,23 @@ import torch
 from kernel_testing import REL_TOL, assert_rel_close, make_lora, make_weight, randn
 
 from cloq_engine.backends import torch_ref
-from cloq_engine.kernels.gemv import gemv, gemv_configs, split_k
+from cloq_engine.kernels.gemv import bytes_in_flight, gemv, gemv_configs, gemv_dot_configs, split_k
 from cloq_engine.kernels.utils import codebook_on
 
 N = 40  # not a multiple of the 32-wide interpreter tile
 
-CASES = [  # bits, group, method, K, M, dtype
-    (2, 32, "rtn", 160, 1, torch.float32),  # 5 K tiles over 2 slices of 3 + 2
+CASES = [  # bits, group, method, K, M, dtype: every width at M = 1 (in-thread K) and at M = 2..16 (tl.dot)
+    (2, 32, "rtn", 160, 1, torch.float32),  # 5 K tiles over 2 slices of 3 + 2: the prefetch stops at the slice
     (3, 64, "rtn", 128, 1, torch.float32),
     (4, 32, "rtn", 128, 1, torch.float16),
     (4, 64, "nf4", 128, 1, torch.float32),
+    (4, 32, "nf4", 96, 1, torch.float16),  # odd tile count, register codebook in fp16
     (3, -1, "rtn", 80, 1, torch.float32),  # one group over a padded K
+    (4, 32, "rtn", 224, 1, torch.float32),  # 7 tiles: slices of 4 + 3
+    (2, 32, "rtn", 96, 2, torch.float32),
     (2, 32, "rtn", 96, 5, torch.float16),
     (3, 32, "rtn", 96, 16, torch.float32),
+    (4, 32, "rtn", 64, 9, torch.float32),
     (4, 64, "nf4", 128, 3, torch.float16),
 ]
 
@@ -70,4 +74,14 @@ def test_split_k_targets_four_programs_per_sm():
 
 
 def test_every_config_keeps_block_k_within_the_shipped_range():
-    assert all(c.kwargs["BLOCK_K"] % 32 == 0 and c.kwargs["SPLIT_K"] >= 0 for c in gemv_configs())
+    assert all(c.kwargs["BLOCK_K"] % 32 == 0 and c.kwargs["SPLIT_K"] >= 0 for c in gemv_configs() + gemv_dot_configs())
+
+
+@pytest.mark.parametrize("cfg", gemv_configs(), ids=str)
+def test_every_m1_config_puts_warps_along_n_with_64_bytes_in_flight(cfg):
+    """BLOCK_N = 4 columns x 32 threads x warps: Triton's 16-byte loads then lay every warp along N, so K
+    is reduced inside each thread; the register double buffer keeps >= 64 packed bytes a thread in flight
+    (W2 a config's bytes at 2 bits are half of W4's)."""
+    assert cfg.kwargs["BLOCK_N"] == 4 * 32 * cfg.num_warps
+    assert min(bytes_in_flight(cfg, b) for b in (2, 3, 4)) >= 64
+    assert bytes_in_flight(cfg, 2) * 2 == bytes_in_flight(cfg, 4)

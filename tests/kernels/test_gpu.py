@@ -96,8 +96,8 @@ def test_every_shipped_config_matches_reference(monkeypatch, kernel, index, entr
         out = torch.empty(K, N, dtype=dt, device="cuda")
         dequant_into(out, qw.qweight, qw.scales, qw.zeros, cb, bits, 128, K)
         torch.testing.assert_close(out, W.t().to(dt), rtol=0, atol=0)
-    elif kernel == "gemv":
-        for mm in (1, 16):
+    elif kernel in ("gemv", "gemv_dot"):  # M = 1 and M = 2..16
+        for mm in ((1,) if kernel == "gemv" else (2, 16)):
             xm, Sm = x[:1].expand(mm, K).contiguous(), S[:1].expand(mm, RANK).contiguous()
             y = gemv(xm, qw.qweight, qw.scales, qw.zeros, cb, Sm, B, None, 2.0, bits, 128, K)
             ref = xm.float() @ W.t() + 2.0 * Sm.float() @ B.float().t()
@@ -202,6 +202,39 @@ def test_decode_forward_replays_in_a_cuda_graph(bits, method):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y, _ = tb.forward(x, qw, A, B, 2.0)
+    for seed in (5, 6):
+        x.copy_(randn(1, K, dtype=torch.bfloat16, seed=seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_rel_close(y, torch_ref.forward(x, qw, A, B, 2.0)[0], TOL[torch.bfloat16], f"replay {seed}")
+
+
+def test_a_captured_decode_graph_survives_a_later_workspace_growth():
+    """A larger call after the capture grows the shared workspace; the graph's buffers stay put."""
+    from cloq_engine.backends import torch_ref, workspace
+    from cloq_engine.backends import triton_backend as tb
+
+    workspace.clear()
+    K, N = 4096, 14336
+    qw = packed_weight(4, "rtn", N, K)
+    A, B = lora(N, K, torch.bfloat16)
+    x = randn(1, K, dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()  # warm up on the capture stream, so the capture uses its persistent slots
+    torch.cuda.synchronize()  # the inputs were made on the default stream
+    with torch.cuda.stream(stream):
+        tb.forward(x, qw, A, B, 2.0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        y, _ = tb.forward(x, qw, A, B, 2.0)
+    qw2 = packed_weight(4, "rtn", 2 * N, K, seed=1)  # a wider layer: every slot the capture used grows
+    A2, B2 = lora(2 * N, K, torch.bfloat16)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        for m in (1, 16, 4096):  # split-K partials and counters (M = 1, 16), the dequant buffer (4096)
+            tb.forward(randn(m, K, dtype=torch.bfloat16, seed=3), qw2, A2, B2, 2.0)
+    torch.cuda.synchronize()
+    assert workspace._retired, "the later calls should have outgrown the captured buffers"
     for seed in (5, 6):
         x.copy_(randn(1, K, dtype=torch.bfloat16, seed=seed))
         graph.replay()
