@@ -28,7 +28,9 @@ from torch import nn
 
 from ..config import LoRAConfig, QuantConfig
 from ..convert import linear_weight, mark_trainable, replace_modules
+from ..experts import use_cloq_experts
 from ..nn import QUANT_BUFFERS, QuantLoRALinear
+from .experts import is_expert_target, swap_in_empty_experts
 from .output_dir import check_output_dir, recover_interrupted, write_dir_atomically
 
 logger = logging.getLogger(__name__)
@@ -300,9 +302,17 @@ def empty_quant_layer(name: str, module: nn.Module, quant_config: QuantConfig, l
 
 def swap_in_empty_layers(model: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig, targets: List[str],
                          dtype: Optional[torch.dtype] = None) -> None:
-    """Replace each target of a skeleton model by an empty QuantLoRALinear on ``meta``."""
+    """Replace each target of a skeleton model by an empty QuantLoRALinear on ``meta`` (an empty
+    QuantLoRAExperts for a packed expert projection, with the model's experts implementation set
+    to cloq's)."""
+    experts = [t for t in targets if is_expert_target(model, t)]
+    if experts:
+        swap_in_empty_experts(model, quant_config, lora_config, experts, dtype)
+        use_cloq_experts(model)
     layers = {}
     for name in targets:
+        if name in experts:
+            continue
         try:
             module = model.get_submodule(name)
         except AttributeError:
