@@ -267,14 +267,15 @@ def replace_projection(module: nn.Module, proj: str, layer: nn.Module) -> None:
 # Loading: empty packed modules on meta
 # ---------------------------------------------------------------------------------------------
 def empty_experts_layer(model: nn.Module, name: str, quant_config: QuantConfig, lora_config: LoRAConfig,
-                        dtype: Optional[torch.dtype]) -> QuantLoRAExperts:
-    """An empty QuantLoRAExperts on ``meta`` shaped like the skeleton's ``name`` parameter."""
+                        dtype: Optional[torch.dtype], prefix: str = "") -> QuantLoRAExperts:
+    """An empty QuantLoRAExperts on ``meta`` shaped like the skeleton's ``name`` parameter
+    (``prefix + name`` is its qualified name, for ``rank_pattern``)."""
     mod_name, proj = split_target(name)
     module = model.get_submodule(mod_name)
     param = getattr(module, proj)
     E, out_f, in_f = dense_expert_weight(param, module.is_transposed).shape
     dtype = dtype or (param.dtype if param.dtype.is_floating_point else torch.float32)
-    lc = dataclasses.replace(lora_config, rank=lora_config.rank_for(name), rank_pattern={})
+    lc = dataclasses.replace(lora_config, rank=lora_config.rank_for(prefix + name), rank_pattern={})
     try:
         return QuantLoRAExperts(E, in_f, out_f, quant_config, lc, transposed=module.is_transposed, device="meta",
                                 dtype=dtype)
@@ -283,11 +284,11 @@ def empty_experts_layer(model: nn.Module, name: str, quant_config: QuantConfig, 
 
 
 def swap_in_empty_experts(model: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig, names: List[str],
-                          dtype: Optional[torch.dtype] = None) -> None:
+                          dtype: Optional[torch.dtype] = None, prefix: str = "") -> None:
     for name in names:
         mod_name, proj = split_target(name)
         replace_projection(model.get_submodule(mod_name), proj,
-                           empty_experts_layer(model, name, quant_config, lora_config, dtype))
+                           empty_experts_layer(model, name, quant_config, lora_config, dtype, prefix))
 
 
 def quant_experts(model: nn.Module) -> Dict[str, QuantLoRAExperts]:
@@ -339,3 +340,73 @@ def peft_wrapper_prefixes(model: nn.Module, names: List[str]) -> Dict[str, str]:
         for i, proj in enumerate(order):
             out[f"{mod_name}.{proj}"] = mod_name + ".base_layer" * (len(order) - 1 - i)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+def storage_summary(model: nn.Module) -> Dict[str, float]:
+    """Bits per weight actually stored. ``quantized``: packed buffers of every QuantLoRALinear and
+    QuantLoRAExperts over their weights; ``whole_model``: every persistent tensor but the LoRA
+    factors (embeddings, norms, routers, biases at their own dtype) over all weights; ``body``:
+    the same without the input and output embeddings (which dominate tiny models)."""
+    from ..nn import QuantLoRALinear
+
+    q_weights = q_bytes = 0
+    for m in model.modules():
+        if isinstance(m, QuantLoRAExperts):
+            q_weights += m.num_experts * m.in_features * m.out_features
+            q_bytes += m.nbytes
+        elif isinstance(m, QuantLoRALinear):
+            q_weights += m.in_features * m.out_features
+            q_bytes += m.quantized_weight.nbytes
+    embeddings = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        emb = fn() if callable(fn) else None
+        if emb is not None:
+            embeddings.update(id(p) for p in emb.parameters())
+    packed = {"qweight", "scales", "zeros", "perm"}
+    other = {"weights": 0, "bytes": 0, "emb_weights": 0, "emb_bytes": 0}
+    seen = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if ".lora_" in name or name.rpartition(".")[2] in packed or id(t) in seen:
+            continue
+        seen.add(id(t))  # tied embeddings are stored once
+        key = "emb_" if id(t) in embeddings else ""
+        other[key + "weights"] += t.numel()
+        other[key + "bytes"] += t.numel() * t.element_size()
+    total = q_weights + other["weights"] + other["emb_weights"]
+    body = q_weights + other["weights"]
+    return {"quantized_weights": q_weights, "quantized_bits_per_weight": 8 * q_bytes / max(q_weights, 1),
+            "total_weights": total, "quantized_fraction": q_weights / max(total, 1),
+            "whole_model_bits_per_weight": 8 * (q_bytes + other["bytes"] + other["emb_bytes"]) / max(total, 1),
+            "body_bits_per_weight": 8 * (q_bytes + other["bytes"]) / max(body, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading per-expert checkpoints (the streaming prepare reads shards itself)
+# ---------------------------------------------------------------------------------------------
+# transformers' save_pretrained writes Qwen2/3-MoE, OLMoE and Mixtral experts back in their original
+# per-expert layout (its conversion_mapping); these are the names that fuse into each projection,
+# in concatenation order, for the layouts stored [E, out, in].
+PER_EXPERT_NAMES = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+                    "up_proj": (("up_proj",),),
+                    "down_proj": (("down_proj",), ("w2",))}
+MODULE_RENAMES = ((".mlp.experts", ".mlp.experts"), (".mlp.experts", ".block_sparse_moe.experts"))  # Mixtral
+
+
+def read_per_expert(read, name: str, num_experts: int) -> Optional[torch.Tensor]:
+    """The fused [E, out, in] tensor of projection ``name`` from per-expert checkpoint tensors
+    (``experts.{e}.gate_proj.weight`` ...), through ``read(keys) -> {key: tensor}``; None when the
+    checkpoint does not hold them."""
+    mod_name, proj = split_target(name)
+    for names in PER_EXPERT_NAMES.get(proj, ()):
+        for ours, theirs in MODULE_RENAMES:
+            src = mod_name.replace(ours, theirs) if ours in mod_name else mod_name
+            keys = [f"{src}.{e}.{n}.weight" for n in names for e in range(num_experts)]
+            got = read(keys)
+            if len(got) == len(keys):
+                return torch.cat([torch.stack([got[f"{src}.{e}.{n}.weight"] for e in range(num_experts)])
+                                  for n in names], dim=1)
+    return None

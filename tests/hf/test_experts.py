@@ -229,3 +229,29 @@ def test_trainer_step_changes_only_lora_factors_of_the_moe(tmp_path):
     assert changed and all(".lora_" in k for k in changed)
     assert any(k.endswith("experts.gate_up_proj.lora_A") for k in changed)
     assert any(k.endswith("experts.down_proj.lora_B") for k in changed)
+
+
+def test_streaming_resume_of_a_moe_is_bitwise_the_in_memory_prepare(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from cloq_engine.hf import streaming
+
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "src")
+    calib = tiny_moe_calib(4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()
+    ref = ce.save_pretrained(ce.prepare_model(model, GPTQ, CLOQ, calib=calib), tmp_path / "ref")
+
+    real_write = streaming._write_json_atomic
+
+    def die_after_block_0(obj, path):
+        real_write(obj, path)
+        if obj.get("done") == 1:
+            raise KeyboardInterrupt  # killed between blocks: block 0 is on disk
+    monkeypatch.setattr(streaming, "_write_json_atomic", die_after_block_0)
+    with pytest.raises(KeyboardInterrupt):
+        streaming.prepare_pretrained(tmp_path / "src", tmp_path / "out", GPTQ, CLOQ, calib=calib)
+    monkeypatch.setattr(streaming, "_write_json_atomic", real_write)
+    out = streaming.prepare_pretrained(tmp_path / "src", tmp_path / "out", GPTQ, CLOQ, calib=calib, resume=True)
+    a, b = ce.load_pretrained(ref).state_dict(), ce.load_pretrained(out).state_dict()
+    assert a.keys() == b.keys() and any(".experts.down_proj.qweight" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
