@@ -6,6 +6,7 @@ tokens the router sent to it); Q_e is the same GPTQ for both inits, so "zero" is
 error. Calibration: blocks of the embedded CPython text through MiniLM's tokenizer.
 
     python benchmarks/moe_init.py [--archs qwen3_moe gpt_oss] [--samples 32] [--seq-len 64] [--rank 4]
+    python benchmarks/moe_init.py --save DIR --archs gpt_oss   # DIR/<arch>: a model + tokenizer for `cloq prepare`
 """
 from __future__ import annotations
 
@@ -54,9 +55,16 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--save", default=None, help="only write each tiny model with MiniLM's tokenizer to SAVE/<arch>")
     args = ap.parse_args()
     logging.getLogger("cloq_engine").setLevel(logging.ERROR)
     tok = data.load_model()[1]
+    if args.save:
+        for arch in args.archs:
+            tiny(arch, len(tok)).save_pretrained(f"{args.save}/{arch}")
+            tok.save_pretrained(f"{args.save}/{arch}")
+            print(f"wrote {args.save}/{arch}")
+        return
     calib = data.token_blocks(data.calibration_paragraphs(), tok, args.seq_len, args.samples)
     print("| model | bits | experts | mean tokens/expert | zero (quantized only) | CLoQ | experts with CLoQ < zero |")
     print("|---|---|---|---|---|---|---|")
