@@ -29,7 +29,8 @@ def tiny(arch: str, vocab: int):
 
     configs = {
         "qwen3_moe": lambda: Qwen3MoeConfig(**SHAPES, vocab_size=vocab, moe_intermediate_size=32,
-                                            intermediate_size=128, num_experts=8, head_dim=16),
+                                            intermediate_size=128, num_experts=8, head_dim=16,
+                                            norm_topk_prob=True),
         "mixtral": lambda: MixtralConfig(**SHAPES, vocab_size=vocab, intermediate_size=32, num_local_experts=8),
         "olmoe": lambda: OlmoeConfig(**SHAPES, vocab_size=vocab, intermediate_size=32, num_experts=8),
         "gpt_oss": lambda: GptOssConfig(**SHAPES, vocab_size=vocab, intermediate_size=32, num_local_experts=8,
