@@ -95,7 +95,7 @@ def _concat(group: List[dict]) -> dict:
 
 
 @contextlib.contextmanager
-def _no_cache(model: nn.Module):
+def no_cache(model: nn.Module):
     config = getattr(model, "config", None)
     old = getattr(config, "use_cache", None)
     if old is not None:
@@ -205,7 +205,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Seque
         saved.append(block.__dict__.get("forward"))  # accelerate's hooks patch the instance too
         block.forward = stub(i, block, block.forward)
     try:
-        with _no_cache(model):
+        with no_cache(model):
             for inputs in batches:
                 state["mask"] = inputs.get("attention_mask")
                 try:
@@ -386,7 +386,7 @@ def tail_grams(model: nn.Module, inputs: BlockInputs, names: List[str], batches:
         saved.append(block.__dict__.get("forward"))
         block.forward = stub(i)
     try:
-        with GramHooks(model, names) as grams, _no_cache(model):
+        with GramHooks(model, names) as grams, no_cache(model):
             for b, batch in enumerate(batches):
                 state["batch"] = b
                 grams.mask = batch.get("attention_mask")
@@ -403,7 +403,7 @@ def tail_grams(model: nn.Module, inputs: BlockInputs, names: List[str], batches:
 def full_pass_grams(model: nn.Module, names: List[str], batches: Sequence[dict]) -> Dict[str, torch.Tensor]:
     """``{name: H}`` for ``names`` from full forward passes of ``model`` (layers outside any
     block stack, e.g. BERT's pooler, or everything when not sequential)."""
-    with GramHooks(model, names) as grams, _no_cache(model):
+    with GramHooks(model, names) as grams, no_cache(model):
         for inputs in batches:
             grams.mask = inputs.get("attention_mask")
             model(**inputs)

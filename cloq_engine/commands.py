@@ -181,6 +181,21 @@ def _summary(rep, qc, lc) -> str:
     return head + f" ({100 * (1 - mean_i / mean_q):.1f}% lower)"
 
 
+def _experts_table(rep, lc) -> str:
+    """One row per expert of each packed MoE projection: the calibration tokens the router sent to
+    it and its calibrated errors (in its own H_e)."""
+    rows = [[r.name, r.expert, r.tokens, r.err_quant, r.err_init, r.fallback, f"{r.bits_per_weight:.2f}"]
+            for r in rep.experts]
+    n = len(rep.experts)
+    mean_q = sum(r.err_quant for r in rep.experts) / n
+    mean_i = sum(r.err_init for r in rep.experts) / n
+    below = sum(r.err_init < r.err_quant for r in rep.experts)
+    return (_table(rows, ["expert projection", "expert", "tokens", "err quantized", f"err +{lc.init.value}",
+                          "fallback", "bits/w"])
+            + f"\n{n} experts: mean calibrated error {mean_q:.4f} -> {mean_i:.4f}; "
+              f"{below}/{n} below the quantized-only (zero-init) error")
+
+
 def cmd_prepare(args) -> int:
     from .hf import prepare_model
     from .hf.persistence import save_pretrained
@@ -209,7 +224,16 @@ def cmd_prepare(args) -> int:
     rep = model.cloq_report
     rows = [[r.name, "x".join(map(str, r.shape)), r.err_quant, r.err_init, f"{r.bits_per_weight:.2f}"] for r in rep.layers]
     print(_table(rows, ["layer", "shape", "err quantized", f"err +{lc.init.value}", "bits/w"]))
+    if rep.experts:
+        print("\n" + _experts_table(rep, lc))
     print("\n" + _summary(rep, qc, lc))
+    from .hf.experts import storage_summary
+
+    storage = storage_summary(model)
+    print(f"storage: {storage['quantized_bits_per_weight']:.3f} bits/weight over the {storage['quantized_weights']} "
+          f"quantized weights ({100 * storage['quantized_fraction']:.1f}% of the model's weights); whole model "
+          f"{storage['whole_model_bits_per_weight']:.3f} bits/weight with everything else as stored, "
+          f"{storage['body_bits_per_weight']:.3f} without the input/output embeddings")
     mean_q = sum(r.err_quant for r in rep.layers) / len(rep.layers)
     mean_i = sum(r.err_init for r in rep.layers) / len(rep.layers)
     print(f"time: load {t_load:.1f}s | capture+forward {rep.capture_s:.1f}s | quantize {rep.quantize_s:.1f}s | "
@@ -223,7 +247,8 @@ def cmd_prepare(args) -> int:
     if args.json:
         print(json.dumps({"mean_err_quant": mean_q, "mean_err_init": mean_i, "calib_tokens": rep.calib_tokens,
                           "underdetermined": rep.underdetermined, "full_precision": rep.full_precision,
-                          "layers": [r.__dict__ for r in rep.layers]}))
+                          "layers": [r.__dict__ for r in rep.layers], "experts": [r.__dict__ for r in rep.experts],
+                          "storage": storage}))
     return 0
 
 

@@ -172,6 +172,16 @@ def gptq_state_dict(model: nn.Module, checkpoint_format: str = "gptq") -> Dict[s
     layers = _quant_layers(model)
     if not layers:
         raise ValueError("the model has no QuantLoRALinear layers: prepare or load a cloq model first")
+    from .experts import QuantLoRAExperts
+
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantLoRAExperts)]
+    if experts:
+        # GPTQ checkpoints describe nn.Linear layers (qweight/qzeros/scales/g_idx each); transformers 5 holds
+        # experts as fused 3-D parameters that no GPTQ loader reads packed: refuse rather than write a
+        # checkpoint whose experts nothing can load.
+        raise ValueError(f"GPTQ export does not support packed mixture-of-experts projections ({experts[0]!r} and "
+                         f"{len(experts) - 1} more): the GPTQ format has no fused 3-D expert layout; export the "
+                         "merged model (`cloq export --format merged`) or save the cloq checkpoint")
     own = {f"{n}.{b}" for n in layers for b in ("qweight", "scales", "zeros", "perm", "lora_A", "lora_B")}
     state, seen = {}, set()
     for key, t in model.state_dict().items():

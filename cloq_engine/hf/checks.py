@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
 from ..nn import QuantLoRALinear, linear_weight
+from .experts import experts_modules, find_expert_targets
 from .targets import find_targets, is_linear_like, output_embedding_names, replace_modules
 
 logger = logging.getLogger(__name__)
@@ -125,9 +126,9 @@ def underdetermined_layers(model: nn.Module, targets: List[str], tokens: int) ->
 
 def untargeted_weights(model: nn.Module, targets: List[str], lora_config: LoRAConfig) -> List[str]:
     """Weight matrices preparation leaves in full precision that are not plain leftovers: stacked
-    (3-D) tensors such as mixture-of-experts weights, and 2-D weights of modules that are neither
-    linear layers, embeddings nor normalisations (custom projections)."""
-    target_set = set(targets)
+    (3-D) tensors that are not targeted expert projections, and 2-D weights of modules that are
+    neither linear layers, embeddings nor normalisations (custom projections, routers)."""
+    target_set = set(targets) | set(find_expert_targets(model, lora_config))
     heads = set(output_embedding_names(model))
     left = []
     for mod_name, module in model.named_modules():
@@ -137,7 +138,9 @@ def untargeted_weights(model: nn.Module, targets: List[str], lora_config: LoRACo
             continue
         for p_name, p in module.named_parameters(recurse=False):
             if p.dim() >= 3 or (p.dim() == 2 and min(p.shape) > 1 and "embed" not in p_name):
-                left.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                if full not in target_set:
+                    left.append(full)
     return left
 
 
@@ -148,8 +151,9 @@ def warn_untargeted(model: nn.Module, targets: List[str], lora_config: LoRAConfi
         n_left = sum(params[n].numel() for n in left if n in params)
         n_all = sum(p.numel() for p in model.parameters())
         logger.warning("%d weight tensor(s) holding %.0f%% of the parameters stay in FULL PRECISION: cloq quantizes "
-                       "nn.Linear / Conv1D layers only (mixture-of-experts weights stored as 3-D tensors are not "
-                       "quantized), e.g. %s", len(left), 100 * n_left / max(n_all, 1), ", ".join(left[:4]))
+                       "nn.Linear / Conv1D layers and the 3-D expert projections of transformers' experts modules "
+                       "that `target_modules` selects, e.g. %s", len(left), 100 * n_left / max(n_all, 1),
+                       ", ".join(left[:4]))
     return left
 
 
@@ -162,6 +166,11 @@ class _Snapshot:
     def __init__(self, model: nn.Module, targets: List[str]):
         self.model = model
         self.modules = {n: model.get_submodule(n) for n in targets}
+        # packed expert projections replace parameters of the experts modules (hf/experts.py)
+        self.expert_params = {(m, n): p for m in experts_modules(model).values()
+                              for n, p in m._parameters.items() if p is not None}
+        get_impl = getattr(model, "get_experts_implementation", None)
+        self.experts_impl = get_impl() if callable(get_impl) and self.expert_params else None
         self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         self.training = [(m, m.training) for m in model.modules()]
         self.attrs = {a: model.__dict__[a] for a in _SET_BY_PREPARE if a in model.__dict__}
@@ -172,6 +181,11 @@ class _Snapshot:
 
     def restore(self) -> None:
         replace_modules(self.model, self.modules)
+        for (module, name), p in self.expert_params.items():
+            module._modules.pop(name, None)
+            module._parameters[name] = p
+        if self.experts_impl is not None:
+            self.model.set_experts_implementation(self.experts_impl)
         for p, flag in self.requires_grad:
             p.requires_grad_(flag)
         for m, flag in self.training:

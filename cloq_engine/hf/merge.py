@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantLoRALinear, is_conv1d
+from .experts import densify_experts, quant_experts
 from .targets import replace_modules
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def _densify(model: nn.Module, merge: bool, dtype: Optional[torch.dtype]) -> nn.
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"`dtype` must be a floating-point torch.dtype; got {dtype!r}")
     layers = quant_layers(model)
-    if not layers:
+    if not layers and not quant_experts(model):
         raise ValueError(f"{type(model).__name__} has no QuantLoRALinear layer to convert")
     conv1d = conv1d_names(model, list(layers))
     new = {}
@@ -96,6 +97,7 @@ def _densify(model: nn.Module, merge: bool, dtype: Optional[torch.dtype]) -> nn.
             if new[name].bias is not None:
                 new[name].bias.data = new[name].bias.data.to(target_dtype)
     replace_modules(model, new)
+    densify_experts(model, merge, dtype)  # packed expert projections back to 3-D parameters
     _forget_quantization(model)
     return model
 

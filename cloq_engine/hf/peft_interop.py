@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantLoRAFunction, QuantLoRALinear
+from .experts import peft_expert_factors, peft_wrapper_prefixes, quant_experts
 from .merge import conv1d_names, quant_layers
 from .output_dir import check_output_dir, is_cloq_adapter, write_dir_atomically
 from .record import quantization_record
@@ -110,7 +111,8 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: Optional[str]
     """The ``adapter_config.json`` contents describing ``model``'s LoRA adapters."""
     record = quantization_record(model)
     lora = record["lora"]
-    targets = record["targets"]
+    experts = sorted(t for t in record["targets"] if t in quant_experts(model))
+    targets = [t for t in record["targets"] if t not in experts]
     if base_model_name_or_path is None:
         base_model_name_or_path = _resolve_base(model, "auto")
     return {
@@ -123,6 +125,8 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: Optional[str]
         "lora_dropout": lora["dropout"],
         "use_rslora": lora["use_rslora"],
         "target_modules": sorted(targets),
+        # packed expert projections are 3-D parameters to PEFT (its ParamWrapper)
+        **({"target_parameters": experts} if experts else {}),
         "bias": "none",
         "fan_in_fan_out": bool(conv1d_names(model, targets)),
         "init_lora_weights": True,
@@ -156,14 +160,25 @@ def export_peft_adapter(model: nn.Module, save_directory, overwrite: bool = Fals
         base_name = os.path.join(target, "base")  # where the swap puts it
     adapter_config = peft_adapter_config(model, base_name)
     layers = quant_layers(model)
-    missing = [t for t in record["targets"] if t not in layers]
+    experts = quant_experts(model)
+    missing = [t for t in record["targets"] if t not in layers and t not in experts]
     if missing:
         raise ValueError(f"`cloq_config.targets` names layers that are not QuantLoRALinear: {missing[:5]}")
+    expert_names = [t for t in record["targets"] if t in experts]
+    if expert_names and record["lora"]["dropout"]:
+        raise ValueError("PEFT's adapters on expert parameters (ParamWrapper) do not support lora_dropout != 0: "
+                         f"the model has dropout={record['lora']['dropout']} on {expert_names[0]!r}")
     state = {}
     for name in record["targets"]:
+        if name in experts:
+            continue
         layer = layers[name]
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    for name, prefix in peft_wrapper_prefixes(model, expert_names).items():
+        A, B = peft_expert_factors(experts[name])
+        state[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = A.cpu()
+        state[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = B.cpu()
     metadata = {"format": "pt", "cloq_init": str(record["lora"]["init"]),
                 "cloq_quant": json.dumps(record["quant"], sort_keys=True),
                 "cloq_base_model": str(record.get("base_model") or ""),

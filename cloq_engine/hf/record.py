@@ -173,9 +173,20 @@ def empty_quant_layer(name: str, module: nn.Module, quant_config: QuantConfig, l
 
 def swap_in_empty_layers(model: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig, targets: List[str],
                          dtype: Optional[torch.dtype] = None) -> None:
-    """Replace each target of a skeleton model by an empty QuantLoRALinear on ``meta``."""
+    """Replace each target of a skeleton model by an empty QuantLoRALinear on ``meta`` (an empty
+    QuantLoRAExperts for a packed expert projection, with the model's experts implementation set
+    to cloq's)."""
+    from ..experts import use_cloq_experts
+    from .experts import is_expert_target, swap_in_empty_experts
+
+    experts = [t for t in targets if is_expert_target(model, t)]
+    if experts:
+        swap_in_empty_experts(model, quant_config, lora_config, experts, dtype)
+        use_cloq_experts(model)
     layers = {}
     for name in targets:
+        if name in experts:
+            continue
         try:
             module = model.get_submodule(name)
         except AttributeError:

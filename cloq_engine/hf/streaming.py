@@ -40,8 +40,10 @@ from .output_dir import check_free_space, write_dir_atomically
 from .persistence import model_class_for, write_side_files
 from .record import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, empty_quant_layer, hf_config_dict, quantization_record,
                      same_view, state_nbytes, storage_key, superseded_weights, tensor_checksum)
+from ..experts import use_cloq_experts
+from . import experts as moe
 from .prepare import (REPORT_MODES, LayerBuilder, PrepareReport, check_layers, finish, needs_calibration,
-                      run_sequential)
+                      prepare_experts, run_sequential)
 from .targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -267,13 +269,21 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
 
     targets = find_targets(model, lora_config)
     check_layers(model, targets, quant_config, lora_config)
-    stack = calib_mod.find_block_stack(model, targets)
+    expert_targets = moe.find_expert_targets(model, lora_config)
+    moe.check_expert_targets(model, expert_targets, quant_config, lora_config)
+    if expert_targets:
+        use_cloq_experts(model)
+    stack = calib_mod.find_block_stack(model, targets + expert_targets)
     if stack is None:
         raise ValueError(f"{type(model).__name__} has no stack of blocks holding the targets: use prepare_model")
     stack_name, blocks = stack
     # Targets outside the stack (BERT's pooler, a targeted lm_head) are prepared after the last
     # block, from the stream's final hidden states (calib.tail_grams), and kept in <out>.partial/.
     outside_targets = [t for t in targets if not t.startswith(stack_name + ".")]
+    outside_experts = [t for t in expert_targets if not t.startswith(stack_name + ".")]
+    if outside_experts:
+        raise ValueError(f"expert targets outside the block stack {outside_experts[:3]} need the whole model in "
+                         "memory: exclude them or use prepare_model")
     reader.check_finite()  # before any calibration: a NaN would surface only when its block is reached
     batches = [] if calib is None else calib_mod.batch_samples(calib, batch_size, device)
     if not batches and needs_calibration(quant_config, lora_config):
@@ -286,8 +296,8 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
 
-    fingerprint = _fingerprint(model_path, quant_config, lora_config, targets, batches, true_sequential,
-                               batch_size, dtype)
+    fingerprint = _fingerprint(model_path, quant_config, lora_config, targets + expert_targets, batches,
+                               true_sequential, batch_size, dtype)
     start = _open_partial(partial, fingerprint, resume, len(blocks))
     rep = PrepareReport()
     builder = LayerBuilder(quant_config, lora_config, rep, report)
@@ -301,6 +311,9 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
             names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
             replace_modules(block, {n: empty_quant_layer(prefix + n, block.get_submodule(n), quant_config,
                                                          lora_config, dtype) for n in names})
+            moe.swap_in_empty_experts(block, quant_config, lora_config,
+                                      [t[len(prefix):] for t in expert_targets if t.startswith(prefix)], dtype,
+                                      prefix=prefix)
             from safetensors.torch import load_file
 
             state = load_file(_block_file(partial, i), device=str(device))
@@ -308,6 +321,11 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
         else:
             keys = [prefix + k for k in block.state_dict()]
             state = reader.read(keys, device)
+            for k in [k for k in keys if k not in state and moe.is_expert_target(model, k)]:
+                fused = moe.read_per_expert(lambda ks: reader.read(ks, device), k,
+                                            model.get_submodule(moe.split_target(k)[0]).num_experts)
+                if fused is not None:  # a per-expert checkpoint (transformers' save_pretrained of Qwen3-MoE)
+                    state[k] = fused
             missing = [k for k in keys if k not in state]
             if missing:
                 raise ValueError(f"{model_path}: tensors {missing[:3]} missing from the checkpoint")
@@ -333,7 +351,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
         before_block(0, blocks[0])  # block 0 runs while its inputs are captured
         run_sequential(model, [t for t in targets if t not in outside_targets or not tail_done], batches, builder,
                        true_sequential=true_sequential, progress=progress, start=start, before_block=before_block,
-                       after_block=after_block)
+                       after_block=after_block, expert_targets=expert_targets)
     else:
         for i, block in enumerate(blocks):
             before_block(i, block)
@@ -342,6 +360,8 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
                 names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
                 for n in names:
                     replace_modules(block, builder.build(block, {n: None}, prefix))
+                prepare_experts(block, [t[len(prefix):] for t in expert_targets if t.startswith(prefix)], builder,
+                                prefix)
             after_block(i, block)
         if not tail_done:
             replace_modules(model, builder.build(model, {n: None for n in outside_targets}))
@@ -356,7 +376,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
         _save_atomic({k: v for t in outside_targets for k, v in _prefixed(model, t).items()}, tail)
     rep.total_s = time.perf_counter() - t0
 
-    finish(model, quant_config, lora_config, targets)
+    finish(model, quant_config, lora_config, targets + expert_targets)
     model.cloq_config["base_model"] = model_path
     state, aliases = _outside_state(model, stack_name)
     sources = [_block_file(partial, i) for i in range(len(blocks))]

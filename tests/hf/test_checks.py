@@ -94,18 +94,27 @@ def test_too_few_calibration_tokens_warns_with_the_numbers(caplog):
     assert "fewer than in_features" not in caplog.text
 
 
-def test_moe_expert_weights_left_in_full_precision_are_named(caplog):
+def tiny_mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                             num_local_experts=4, num_experts_per_tok=2)).eval()
+    return MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                            num_local_experts=4, num_experts_per_tok=2)).eval()
+
+
+def test_moe_expert_weights_left_in_full_precision_are_named(caplog):
+    excluded = ce.LoRAConfig(rank=4, init="zero", exclude=("lm_head", "experts"))
     with caplog.at_level(logging.WARNING, logger="cloq_engine"):
-        ce.prepare_model(model, RTN, ZERO)
+        model = ce.prepare_model(tiny_mixtral(), RTN, excluded)
     assert "stay in FULL PRECISION" in caplog.text and "model.layers.0.mlp.experts." in caplog.text
-    assert any("experts" in n for n in model.cloq_report.full_precision)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in model.cloq_report.full_precision
     assert not any("embed" in n or "norm" in n for n in model.cloq_report.full_precision)
+
+
+def test_targeted_moe_experts_are_packed_and_only_the_router_stays_in_full_precision():
+    model = ce.prepare_model(tiny_mixtral(), RTN, ZERO)
+    assert model.cloq_report.full_precision == ["model.layers.0.mlp.gate.weight"]
 
 
 def test_dense_model_has_no_full_precision_warning(caplog):
