@@ -126,8 +126,10 @@ def test_bad_input_dimension_is_a_clear_error():
 def test_backend_env_var_is_read_at_call_time(monkeypatch):
     layer, _ = _layer()
     monkeypatch.setenv("CLOQ_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match=r"environment variable CLOQ_BACKEND must be one of .*got 'nonsense'"):
         layer(torch.randn(2, 64))
+    with pytest.raises(ValueError, match=r"set_backend\(name\): the backend must be one of"):
+        ce.set_backend("nonsense")
     monkeypatch.setenv("CLOQ_BACKEND", "torch")
     assert ce.active_backend("cpu") == "torch"
     ce.set_backend("torch")
@@ -136,3 +138,4 @@ def test_backend_env_var_is_read_at_call_time(monkeypatch):
         layer(torch.randn(2, 64))  # the setter wins over the environment
     finally:
         ce.set_backend(None)
+
