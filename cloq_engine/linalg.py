@@ -4,14 +4,27 @@ and truncated SVDs of the implicitly whitened error ``E = R·L`` (``R = W - Q``,
 Nothing here forms an inverse. The randomized SVD only touches ``E`` through the products
 ``E·Ω = R·(L·Ω)`` and ``E^T·Y = L^T·(R^T·Y)``, so the only in×in work is the Cholesky itself and
 thin products with ``L``. Every function runs on the device of its inputs.
+
+On a CPU shared with other processes, every multi-threaded MKL/OpenMP call pays for its thread
+barriers whenever one of its threads is descheduled: about a scheduler time slice per barrier.
+LAPACK's Householder QR, eigh and SVD (level-2 loops, a barrier per step) suffer most; so do the
+thin products of a truncated SVD, whose work is a few ms. Measured on 2 cores beside one busy
+process, 2 threads vs 1: QR of a 2048×128 panel 64-1200 ms vs 7-11 ms, eigh 1024² 1.5-5.2 s vs
+0.23-0.35 s, SVD 1024² 3.0-3.5 s vs 0.38-0.57 s, a 2048²×64 GEMM 12 ms vs 4 ms, a 64×64 Cholesky
+6.6 ms vs 0.02 ms. So tall panels are orthonormalised with GEMMs (:func:`orthonormalize`,
+Cholesky-QR2, no Householder loop), and the truncated SVDs and the small solves run on one thread
+(:func:`serial_threads`); only the in×in Cholesky (blocked, large) keeps every thread.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -29,6 +42,38 @@ class TruncatedSVD:
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
+
+
+_THREADS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def serial_threads(like: torch.Tensor) -> Iterator[None]:
+    """Run the block on one intra-op thread when ``like`` is a CPU tensor (a no-op elsewhere).
+
+    For LAPACK factorisations and loops of small ops, whose thread barriers stall on a shared CPU
+    (module docstring). The thread count is process-wide, so it is restored on exit and the lock
+    keeps two Python threads from restoring each other's value.
+    """
+    if like.device.type != "cpu":
+        yield
+        return
+    with _THREADS_LOCK:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _one_thread(fn):
+    """Run ``fn`` under :func:`serial_threads` of its first (tensor) argument."""
+    @functools.wraps(fn)
+    def wrapper(X, *args, **kwargs):
+        with serial_threads(X):
+            return fn(X, *args, **kwargs)
+    return wrapper
 
 
 def mean_diag(H: torch.Tensor) -> float:
@@ -77,11 +122,13 @@ def damped_cholesky(H: torch.Tensor, damp: float = 1e-6, max_tries: int = 12, gr
     )
 
 
+@_one_thread
 def solve_right_lower(C: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     """``X`` with ``X·L = C`` for lower-triangular ``L``: ``C·L^{-1}`` by a triangular solve."""
     return torch.linalg.solve_triangular(L, C, upper=False, left=False)
 
 
+@_one_thread
 def spd_solve_right(G: torch.Tensor, C: torch.Tensor, damp: float = 1e-10) -> torch.Tensor:
     """``X`` with ``X·G = C`` for a small symmetric PSD ``G`` (r×r), through a damped Cholesky.
 
@@ -94,6 +141,7 @@ def spd_solve_right(G: torch.Tensor, C: torch.Tensor, damp: float = 1e-10) -> to
     return torch.cholesky_solve(C.transpose(0, 1), L).transpose(0, 1)
 
 
+@_one_thread
 def spd_solve_left(G: torch.Tensor, C: torch.Tensor, damp: float = 1e-10) -> torch.Tensor:
     """``X`` with ``G·X = C`` for a small symmetric PSD ``G`` (r×r), through a damped Cholesky (``G = 0``: 0)."""
     if mean_diag(G) <= 0:
@@ -102,8 +150,48 @@ def spd_solve_left(G: torch.Tensor, C: torch.Tensor, damp: float = 1e-10) -> tor
     return torch.cholesky_solve(C, L)
 
 
+# Cholesky-QR accepts its second pass when the first left ||Q^T Q - I||_max below this: then
+# kappa(Q) <= ~1.2 and one more pass is orthonormal to working precision (Yamamoto et al. 2015).
+CHOLQR_MAX_DEFECT = 0.1
+
+
+def _cholesky_qr_pass(Y: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One pass: ``G = Y^T Y`` (float64), ``R = chol(G)^T``, ``Q = Y R^{-1}``; (Q, R, G), or None
+    when the Cholesky fails (Y has lost rank to rounding)."""
+    Yd = Y.double()
+    G = Yd.transpose(0, 1) @ Yd
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) != 0 or not bool(torch.isfinite(L).all()):
+        return None
+    R = L.transpose(0, 1).to(Y.dtype)
+    return torch.linalg.solve_triangular(R, Y, upper=True, left=False), R, G
+
+
+def orthonormalize(Y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a tall ``Y`` (m, k), m >= k: ``Q`` (m, k) with orthonormal columns and upper ``R``
+    (k, k) with ``Q R = Y``.
+
+    Cholesky-QR2 (two passes of :func:`_cholesky_qr_pass`): two GEMMs, a k×k Cholesky and a
+    triangular solve per pass, which keep their speed on a shared CPU. When ``Y`` is too close to
+    rank-deficient for it (the Cholesky fails, or the first pass is far from orthonormal), it falls
+    back to Householder QR on one thread, which completes a rank-deficient ``Y`` to an orthonormal Q.
+    """
+    first = _cholesky_qr_pass(Y)
+    if first is not None:
+        Q1, R1, _ = first
+        second = _cholesky_qr_pass(Q1)
+        if second is not None:
+            Q, R2, G = second
+            defect = (G - torch.eye(G.shape[0], dtype=G.dtype, device=G.device)).abs().max()
+            if float(defect) <= CHOLQR_MAX_DEFECT:
+                return Q, R2 @ R1
+    logger.debug("orthonormalize: Cholesky-QR lost rank on a %s panel; Householder QR", tuple(Y.shape))
+    with serial_threads(Y):
+        return torch.linalg.qr(Y, mode="reduced")
+
+
 def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(Y, mode="reduced").Q
+    return orthonormalize(Y)[0]
 
 
 def _gaussian(rows: int, cols: int, like: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
@@ -114,6 +202,7 @@ def _gaussian(rows: int, cols: int, like: torch.Tensor, seed: Optional[int]) -> 
     return torch.randn(rows, cols, generator=gen, device=like.device, dtype=like.dtype)
 
 
+@_one_thread
 def exact_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = None) -> TruncatedSVD:
     """Top-``rank`` SVD of ``E = R·L`` (``R`` alone when ``L`` is None), via a full thin SVD."""
     E = R if L is None else R @ L
@@ -121,6 +210,7 @@ def exact_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = None) -> T
     return TruncatedSVD(U[:, :rank], S[:rank], Vh[:rank])
 
 
+@_one_thread
 def randomized_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = None, oversample: Optional[int] = None,
                    power_iters: int = 4, seed: Optional[int] = 0) -> TruncatedSVD:
     """Top-``rank`` SVD of ``E = R·L`` by a randomized range finder (Halko, Martinsson, Tropp).
@@ -164,6 +254,7 @@ KRYLOV_MIN_STEPS = 4  # convergence is never checked before (each check is an ei
 KRYLOV_MAX_STEPS = 12
 
 
+@_one_thread
 def block_krylov_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = None, oversample: Optional[int] = None,
                      power_iters: Optional[int] = None, seed: Optional[int] = 0) -> TruncatedSVD:
     """Top-``rank`` SVD of ``E = R·L`` by block Krylov iteration (Musco & Musco 2015) with Rayleigh–Ritz.
@@ -272,9 +363,10 @@ def balanced_split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: 
     return U * root, root.unsqueeze(1) * Vh
 
 
+@_one_thread
 def rebalance(P: torch.Tensor, A: torch.Tensor, scaling: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Balanced ``(B, A)`` with ``scaling·B·A = P·A`` for any factors P (m, r), A (r, n): r×r work only."""
-    Qp, Rp = torch.linalg.qr(P, mode="reduced")
-    Qa, Ra = torch.linalg.qr(A.transpose(0, 1), mode="reduced")
+    Qp, Rp = orthonormalize(P)
+    Qa, Ra = orthonormalize(A.transpose(0, 1))
     u, s, vh = torch.linalg.svd(Rp @ Ra.transpose(0, 1))
     return balanced_split(Qp @ u, s, vh @ Qa.transpose(0, 1), scaling)

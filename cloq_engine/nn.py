@@ -6,6 +6,7 @@ weight is ever kept between forward and backward.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -19,6 +20,15 @@ from .convert import build_layer, is_conv1d, linear_weight  # noqa: F401  (is_co
 from .formats import QuantizedWeight, packed_rows
 
 QUANT_BUFFERS = ("qweight", "scales", "zeros")
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would cast ``x`` to for a linear layer (None: autocast is off on x's
+    device, or x is float64, which autocast leaves alone)."""
+    device_type = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 class QuantLoRAFunction(torch.autograd.Function):
@@ -37,9 +47,12 @@ class QuantLoRAFunction(torch.autograd.Function):
         x, x_lora, S, lora_A, lora_B = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         backend = backends.get_backend(dy.device)
-        dx, dx_lora, dA, dB = backend.backward(
-            dy.contiguous(), x, S, ctx.qw, lora_A, lora_B, ctx.scaling, x_lora=x_lora, need_dx=need_dx
-        )
+        # The backends pick their own compute dtypes; a backward run inside an autocast region
+        # must not have autocast recast their float32 accumulations (as in forward).
+        with torch.autocast(dy.device.type, enabled=False):
+            dx, dx_lora, dA, dB = backend.backward(
+                dy.contiguous(), x, S, ctx.qw, lora_A, lora_B, ctx.scaling, x_lora=x_lora, need_dx=need_dx
+            )
         dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(dy.dtype) if ctx.has_bias and ctx.needs_input_grad[4] else None
         return (
             dx if ctx.needs_input_grad[0] else None,
@@ -164,8 +177,18 @@ class QuantLoRALinear(nn.Module):
         if self.perm is not None:  # the packed weight's columns are in perm order; the LoRA's are not
             x_lora = x2 if x_lora is None else x_lora
             x2 = x2.index_select(1, self.perm)
-        A, B = self.lora_A, self.lora_B
-        y = QuantLoRAFunction.apply(x2, x_lora, A, B, self.bias, self.quantized_weight, self.scaling)
+        amp_dtype = autocast_dtype(x2)
+        region = contextlib.nullcontext()
+        if amp_dtype is not None:
+            # What autocast does for nn.Linear: the input in the autocast dtype, the output in it too.
+            # Autocast itself is switched off inside: it would recast the backends' float32
+            # accumulators (the C++ ops take float32/float64 only) and their LoRA products.
+            x2 = x2.to(amp_dtype)
+            x_lora = None if x_lora is None else x_lora.to(amp_dtype)
+            region = torch.autocast(x2.device.type, enabled=False)
+        with region:
+            y = QuantLoRAFunction.apply(x2, x_lora, self.lora_A, self.lora_B, self.bias, self.quantized_weight,
+                                        self.scaling)
         return y.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):

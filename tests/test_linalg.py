@@ -1,4 +1,5 @@
 """cloq_engine.linalg: damped Cholesky, triangular solves, truncated SVDs of R·L, balanced splits."""
+import math
 import warnings
 
 import pytest
@@ -161,3 +162,58 @@ def test_balanced_split_and_rebalance_keep_the_product(scaling):
     torch.testing.assert_close(scaling * B @ A, P @ A0, rtol=1e-10, atol=1e-10)
     # balanced: B^T B and A A^T are the same diagonal matrix
     torch.testing.assert_close(B.T @ B, A @ A.T, rtol=1e-8, atol=1e-10)
+
+
+def _panel(m, k, cond, dtype=torch.float32, seed=0):
+    """A tall (m, k) panel with singular values spread log-evenly over [1/cond, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)
+    return ((U * s) @ V.t()).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,cond", [(torch.float32, 1e2), (torch.float32, 1e5), (torch.float64, 1e6)])
+def test_orthonormalize_is_a_qr_by_cholesky_qr2(monkeypatch, dtype, cond):
+    Y = _panel(300, 40, cond, dtype)
+    calls, householder = [], torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: calls.append(a) or householder(*a, **k))
+    Q, R = linalg.orthonormalize(Y)
+    eps = torch.finfo(dtype).eps
+    assert calls == []  # Cholesky-QR2 sufficed: no Householder QR
+    assert torch.allclose(torch.triu(R), R)
+    assert (Q.t() @ Q - torch.eye(40, dtype=dtype)).abs().max() < 50 * eps
+    assert (Q @ R - Y).norm() < 50 * eps * Y.norm()
+
+
+@pytest.mark.parametrize("make,householder_calls", [
+    (lambda: torch.cat([_panel(200, 10, 10.0)] * 2, dim=1), [1]),  # exactly rank 10 of 20 columns
+    (lambda: torch.cat([_panel(200, 10, 10.0), torch.zeros(200, 5)], dim=1), [1]),  # zero columns
+    (lambda: _panel(200, 20, 1e9), [0, 1]),  # rank lost to float32 rounding
+], ids=["duplicate-columns", "zero-columns", "cond-1e9"])
+def test_orthonormalize_stays_orthonormal_on_rank_loss(monkeypatch, make, householder_calls):
+    """Where Cholesky-QR breaks down, the Householder fallback completes Q to orthonormal columns."""
+    Y = make()
+    calls, householder = [], torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: calls.append(a) or householder(*a, **k))
+    Q, R = linalg.orthonormalize(Y)
+    assert Q.shape == Y.shape and bool(torch.isfinite(Q).all())
+    assert (Q.t() @ Q - torch.eye(Y.shape[1])).abs().max() < 1e-4  # still orthonormal
+    assert (Q @ R - Y).norm() < 1e-5 * Y.norm()
+    assert len(calls) in householder_calls
+
+
+def test_serial_threads_runs_on_one_thread_and_restores_the_count():
+    before = torch.get_num_threads()
+    with linalg.serial_threads(torch.zeros(1)):
+        assert torch.get_num_threads() == 1
+        with linalg.serial_threads(torch.zeros(1)):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ZeroDivisionError):
+        with linalg.serial_threads(torch.zeros(1)):
+            1 / 0
+    assert torch.get_num_threads() == before
+    with linalg.serial_threads(torch.zeros(1, device="meta")):  # not a CPU tensor: left alone
+        assert torch.get_num_threads() == before

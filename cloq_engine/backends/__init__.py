@@ -24,21 +24,23 @@ _override: Optional[str] = None
 _loaded: dict = {}
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, source: str) -> str:
+    """``name`` lower-cased, or a ValueError that names where the bad value came from."""
     name = str(name).lower()
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+        raise ValueError(f"{source} must be one of {BACKENDS}; got {name!r}")
     return name
 
 
 def set_backend(name: Optional[str]) -> None:
     """Force a backend for this process (``None`` returns control to ``CLOQ_BACKEND``)."""
     global _override
-    _override = None if name is None else _check_name(name)
+    _override = None if name is None else _check_name(name, "set_backend(name): the backend")
 
 
 def requested_backend() -> str:
-    return _override or _check_name(os.environ.get("CLOQ_BACKEND", "auto") or "auto")
+    return _override or _check_name(os.environ.get("CLOQ_BACKEND", "auto") or "auto",
+                                    "the environment variable CLOQ_BACKEND")
 
 
 def _load(name: str) -> Optional[ModuleType]:

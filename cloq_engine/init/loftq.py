@@ -47,9 +47,12 @@ def loftq(W: torch.Tensor, quant_config: QuantConfig, rank: int, scaling: float 
     """
     A = B = None
     qw = None
-    for t in range(iters):
-        target = W if A is None else W - scaling * (B @ A)
-        qw = quantize_weight(target, quant_config, H=H)
-        A, B = svd_init(W - qw.dequantize().to(device=W.device, dtype=W.dtype), rank, scaling, **svd_opts)
-        logger.debug("loftq: iteration %d/%d", t + 1, iters)
+    # Quantize and truncated SVD in turns: element-wise passes and thin products, each far too
+    # short to amortise thread barriers on a shared CPU (see linalg.serial_threads).
+    with linalg.serial_threads(W):
+        for t in range(iters):
+            target = W if A is None else W - scaling * (B @ A)
+            qw = quantize_weight(target, quant_config, H=H)
+            A, B = svd_init(W - qw.dequantize().to(device=W.device, dtype=W.dtype), rank, scaling, **svd_opts)
+            logger.debug("loftq: iteration %d/%d", t + 1, iters)
     return qw, A, B

@@ -51,17 +51,19 @@ def quailora(R: torch.Tensor, H: torch.Tensor, rank: int, scaling: float = 1.0, 
     prev = _objective(R, Hd, P, A) if track else None
     if history is not None:
         history.append(prev)
-    for it in range(iters):
-        AH = A @ Hd  # (r, in)
-        P = linalg.spd_solve_right(AH @ A.transpose(0, 1), R @ AH.transpose(0, 1))
-        A = linalg.spd_solve_left(P.transpose(0, 1) @ P, P.transpose(0, 1) @ R)
-        if track:
-            cur = _objective(R, Hd, P, A)
-            if history is not None:
-                history.append(cur)
-            if tol > 0 and prev - cur <= tol * abs(prev):
-                logger.debug("quailora: stopped after %d sweeps (relative improvement below %g)", it + 1, tol)
-                break
-            prev = cur
+    # Thin products and r×r solves: on one thread (see linalg.serial_threads).
+    with linalg.serial_threads(R):
+        for it in range(iters):
+            AH = A @ Hd  # (r, in)
+            P = linalg.spd_solve_right(AH @ A.transpose(0, 1), R @ AH.transpose(0, 1))
+            A = linalg.spd_solve_left(P.transpose(0, 1) @ P, P.transpose(0, 1) @ R)
+            if track:
+                cur = _objective(R, Hd, P, A)
+                if history is not None:
+                    history.append(cur)
+                if tol > 0 and prev - cur <= tol * abs(prev):
+                    logger.debug("quailora: stopped after %d sweeps (relative improvement below %g)", it + 1, tol)
+                    break
+                prev = cur
     B, A = linalg.rebalance(P, A, scaling)
     return A, B

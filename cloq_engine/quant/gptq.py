@@ -44,7 +44,8 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         L, _ = linalg.damped_cholesky(H, damp=damp, max_tries=max(1, max_tries), growth=10.0)
     except ValueError as e:
         raise ValueError(f"GPTQ: {e}; is H really X^T X?") from None
-    Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    with linalg.serial_threads(L):  # LAPACK's threaded potri stalls on a shared CPU (linalg module docstring)
+        Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
     if int(info) != 0 or not bool(torch.isfinite(Hinv).all()):
         raise ValueError("GPTQ: Cholesky of (H + λI)^{-1} failed; H is too ill-conditioned in float32")
     return Hinv
@@ -100,21 +101,24 @@ def quantize_gptq(W: torch.Tensor, config: QuantConfig, H: torch.Tensor) -> Quan
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
 
-        for i in range(i2 - i1):
-            col = i1 + i
-            gi = group_of[col]
-            if not static_groups and col % g == 0:
-                cur = _pending(W, W1, Err1, Hinv, i1, i, i2, col + g)
-                scale[gi], zero[gi] = fit_group(cur, config.bits, config.sym, config.mse_clip)
+        # One column at a time: many small ops whose thread barriers stall on a shared CPU
+        # (linalg.serial_threads); the block's error feedback below is one GEMM and keeps the threads.
+        with linalg.serial_threads(W):
+            for i in range(i2 - i1):
+                col = i1 + i
+                gi = group_of[col]
+                if not static_groups and col % g == 0:
+                    cur = _pending(W, W1, Err1, Hinv, i1, i, i2, col + g)
+                    scale[gi], zero[gi] = fit_group(cur, config.bits, config.sym, config.mse_clip)
 
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q = quantize(w, scale[gi], zero[gi], maxq)
-            codes[col] = q
-            Q1[:, i] = dequantize(q, scale[gi], zero[gi])
-            err1 = (w - Q1[:, i]) / d
-            W1[:, i:] -= torch.outer(err1, Hinv1[i, i:])
-            Err1[:, i] = err1
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                q = quantize(w, scale[gi], zero[gi], maxq)
+                codes[col] = q
+                Q1[:, i] = dequantize(q, scale[gi], zero[gi])
+                err1 = (w - Q1[:, i]) / d
+                W1[:, i:] -= torch.outer(err1, Hinv1[i, i:])
+                Err1[:, i] = err1
 
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 

@@ -1,4 +1,5 @@
-"""Training prepared models: HF Trainer, gradient checkpointing, two-process DDP on CPU (gloo)."""
+"""Training prepared models: HF Trainer, TRL SFTTrainer and accelerate in bf16 mixed precision,
+gradient checkpointing, two-process DDP on CPU (gloo)."""
 import copy
 import os
 
@@ -52,6 +53,107 @@ def test_trainer_updates_only_lora_factors(source, checkpointing, tmp_path):
     lora_changed, other_changed = split_changes(model, before)
     assert sorted(lora_changed) == sorted(lora_names(model))
     assert other_changed == []  # packed buffers, embeddings, norms, biases untouched
+
+
+def record_output_dtypes(model):
+    """The output dtypes every QuantLoRALinear produced, recorded by forward hooks."""
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, QuantLoRALinear):
+            m.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+    return seen
+
+
+def prepared_with_tokenizer(path):
+    """A prepared tiny Llama (random LoRA B) whose vocabulary is MiniLM's tokenizer, and that tokenizer
+    (given an EOS token: BERT's has none, and SFTTrainer appends one to every text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny_models import tiny_llama_dir
+
+    directory = tiny_llama_dir(path)
+    tok = AutoTokenizer.from_pretrained(directory)
+    tok.eos_token = tok.sep_token
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    ce.prepare_model(model, ce.QuantConfig(bits=4, group_size=32, method="rtn"),
+                     ce.LoRAConfig(rank=4, alpha=8, init="zero"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantLoRALinear):
+                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+    return model, tok
+
+
+def test_trainer_bf16_trains_lora_only_in_mixed_precision(tmp_path):
+    """The README's recipe on CPU: TrainingArguments(bf16=True) runs the forward under CPU autocast."""
+    from transformers import Trainer, TrainingArguments
+
+    model = prepared("llama")
+    dtypes = record_output_dtypes(model)
+    before = snapshot(model)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), bf16=True, use_cpu=True, max_steps=2,
+                             per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1, report_to=[],
+                             save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=examples())
+    trainer.train()
+    assert dtypes == {torch.bfloat16}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    lora_changed, other_changed = split_changes(model, before)
+    assert sorted(lora_changed) == sorted(lora_names(model)) and other_changed == []
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def test_trl_sft_trainer_with_its_defaults_trains_in_bf16(tmp_path):
+    """TRL's SFTTrainer on a text dataset with SFTConfig's defaults (bf16=True among them) on CPU."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = prepared_with_tokenizer(tmp_path / "base")
+    dtypes = record_output_dtypes(model)
+    before = snapshot(model)
+    texts = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(8)]
+    args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=2, per_device_train_batch_size=2,
+                     logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True)
+    assert args.bf16  # the default under test
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                         processing_class=tok)
+    trainer.train()
+    assert dtypes == {torch.bfloat16}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    lora_changed, other_changed = split_changes(model, before)
+    assert sorted(lora_changed) == sorted(lora_names(model)) and other_changed == []
+
+
+def test_accelerator_bf16_loss_and_gradients_follow_float32():
+    """Accelerator(mixed_precision="bf16") wraps the forward in CPU autocast; its loss and LoRA
+    gradients stay within bf16 rounding of the float32 ones on the same model and batch."""
+    from accelerate import Accelerator
+
+    ids = torch.cat(tiny_calib(2, seed=3))
+    ref = prepared("llama").train()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    model = copy.deepcopy(ref)
+    model.zero_grad()
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    wrapped, opt = accelerator.prepare(model, opt)
+    dtypes = record_output_dtypes(model)
+    loss = wrapped(input_ids=ids, labels=ids).loss
+    accelerator.backward(loss)
+    assert dtypes == {torch.bfloat16}
+    loss_ref = ref(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss.float(), loss_ref, rtol=1e-2, atol=0)
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            g = dict(model.named_parameters())[n].grad
+            assert g.dtype == torch.float32, n
+            err = (g - p.grad).norm() / p.grad.norm()
+            assert err < 0.05, f"{n}: relative gradient error {err:.3g} under bf16"
+    opt.step()
 
 
 def enable_checkpointing(model, use_reentrant):

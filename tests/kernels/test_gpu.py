@@ -5,7 +5,8 @@ under the Triton interpreter; the conftest leaves TRITON_INTERPRET unset for ``-
   against the torch reference at a real shape (4096 x 4096, group 128);
 * every path (GEMV, fused, dequant + cuBLAS with both LoRA folds) in bf16 and fp16, forward and
   backward, at 4096 x 4096 and an odd N, M from 1 to 8192;
-* ``QuantLoRALinear`` under autograd against dense LoRA on the same weights;
+* ``QuantLoRALinear`` under autograd against dense LoRA on the same weights, and an fp32 layer under
+  CUDA autocast (bf16, fp16) returning what ``nn.Linear`` returns there;
 * the decode forward under CUDA-graph capture (no host sync, no allocation that breaks replay).
 """
 import pytest
@@ -186,6 +187,30 @@ def test_quant_lora_linear_gradients_match_dense_lora(monkeypatch, dtype, m):
     assert_rel_close(x.grad, xr.grad, tol, "dx")
     assert_rel_close(layer.lora_A.grad, Ar.grad, tol, "dA")
     assert_rel_close(layer.lora_B.grad, Br.grad, tol, "dB")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 100, 2048])
+def test_fp32_layer_under_cuda_autocast_returns_what_nn_linear_returns(monkeypatch, dtype, m):
+    import cloq_engine as ce
+    from cloq_engine.nn import QuantLoRALinear
+
+    monkeypatch.setenv("CLOQ_BACKEND", "triton")
+    K, N = 4096, 1001
+    qw = packed_weight(4, "rtn", N, K)
+    A, B = lora(N, K, torch.float32)
+    layer = QuantLoRALinear.from_quantized(qw, A, B, ce.LoRAConfig(rank=RANK, alpha=2 * RANK, init="zero"))
+    dense = torch.nn.Linear(K, N, device="cuda")
+    x = randn(2, m, K, dtype=torch.float32).requires_grad_(True)
+    with torch.autocast("cuda", dtype=dtype):
+        y = layer(x)
+        assert y.dtype == dense(x).dtype == dtype
+    y.backward(randn(2, m, N, dtype=dtype, seed=4))
+    assert x.grad.dtype == layer.lora_A.grad.dtype == torch.float32
+
+    W = qw.dequantize()
+    xr = x.detach().to(dtype).float()  # the input rounded as autocast rounds it
+    assert_rel_close(y, xr @ W.t() + layer.scaling * (xr @ A.t()) @ B.t(), TOL[dtype], "y")
 
 
 @pytest.mark.parametrize("bits,method", VARIANTS)
