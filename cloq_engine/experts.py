@@ -25,12 +25,11 @@ from torch import nn
 
 from . import backends
 from .config import LoRAConfig, QuantConfig
-from .formats import QuantizedWeight, packed_rows
+from .formats import QUANT_BUFFERS, PackedBuffers, QuantizedWeight, packed_rows  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 EXPERTS_IMPLEMENTATION = "cloq"
-QUANT_BUFFERS = ("qweight", "scales", "zeros")
 LAYOUT_FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate")
 
 
@@ -116,7 +115,7 @@ class QuantExpertsFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # The packed module
 # ---------------------------------------------------------------------------------------------
-class QuantLoRAExperts(nn.Module):
+class QuantLoRAExperts(PackedBuffers, nn.Module):
     """One projection of E experts: packed 2/3/4-bit (or NF4) weights plus per-expert LoRA.
 
     Expert e's weight Ŵ_e is (out_features, in_features) in nn.Linear's orientation, whatever the
@@ -205,15 +204,6 @@ class QuantLoRAExperts(nn.Module):
             raise ValueError(f"input has last dimension {x.shape[-1]}; expected in_features={self.in_features}")
         x_lora = self.lora_dropout(x) if isinstance(self.lora_dropout, nn.Dropout) and self.training else None
         return QuantExpertsFunction.apply(x, x_lora, self.lora_A, self.lora_B, self, tuple(int(c) for c in counts))
-
-    def _apply(self, fn, recurse=True):
-        # Packed buffers follow device moves only, never dtype casts (as QuantLoRALinear's).
-        packed = {n: self._buffers.pop(n) for n in QUANT_BUFFERS if self._buffers.get(n) is not None}
-        super()._apply(fn, recurse)
-        for n, t in packed.items():
-            moved = fn(t)
-            self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
-        return self
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "

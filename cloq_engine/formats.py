@@ -330,3 +330,19 @@ class QuantizedWeight:
             raise ValueError(f"incomplete QuantizedWeight state dict: missing {e}") from None
         except (ValueError, TypeError) as e:
             raise ValueError(f"corrupt QuantizedWeight state dict at {prefix!r}: {e}") from None
+
+
+QUANT_BUFFERS = ("qweight", "scales", "zeros")
+
+
+class PackedBuffers:
+    """Mixin for modules holding packed buffers: they follow device moves only, never dtype casts
+    (``model.half()``, ``.to(torch.bfloat16)``), so the packed format stays what it is."""
+
+    def _apply(self, fn, recurse=True):
+        packed = {n: self._buffers.pop(n) for n in QUANT_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, t in packed.items():
+            moved = fn(t)
+            self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self

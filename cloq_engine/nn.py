@@ -17,9 +17,8 @@ from torch import nn
 from . import backends
 from .config import LoRAConfig, QuantConfig
 from .convert import build_layer, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
-from .formats import QuantizedWeight, packed_rows
+from .formats import QUANT_BUFFERS, PackedBuffers, QuantizedWeight, packed_rows  # noqa: F401 (QUANT_BUFFERS re-exported)
 
-QUANT_BUFFERS = ("qweight", "scales", "zeros")
 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -65,7 +64,7 @@ class QuantLoRAFunction(torch.autograd.Function):
         )
 
 
-class QuantLoRALinear(nn.Module):
+class QuantLoRALinear(PackedBuffers, nn.Module):
     """A linear layer with a packed 2/3/4-bit (or NF4) base weight and a LoRA adapter.
 
     Buffers ``qweight``, ``scales``, ``zeros`` (see :class:`QuantizedWeight`) are never
@@ -190,15 +189,6 @@ class QuantLoRALinear(nn.Module):
             y = QuantLoRAFunction.apply(x2, x_lora, self.lora_A, self.lora_B, self.bias, self.quantized_weight,
                                         self.scaling)
         return y.reshape(*lead, self.out_features)
-
-    def _apply(self, fn, recurse=True):
-        # Packed buffers follow device moves only, never dtype casts (model.half(), .to(bf16)).
-        packed = {n: self._buffers.pop(n) for n in QUANT_BUFFERS if self._buffers.get(n) is not None}
-        super()._apply(fn, recurse)
-        for n, t in packed.items():
-            moved = fn(t)
-            self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
-        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
