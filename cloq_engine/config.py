@@ -148,7 +148,9 @@ class LoRAConfig:
         requant_tol: stop re-quantizing when a round improves the calibrated objective by less
             than this fraction.
         balance: re-split each non-zero init's ``scaling·B·A`` so that B and A carry equal singular
-            values in weight space (the product, hence the init's objective, is unchanged). CLoQ's
+            values in weight space (the product, hence the init's objective, is unchanged). None
+            (default): on for the calibrated inits (cloq, quailora), off for the others; True/False:
+            for every non-zero init / never (False gives CLoQ's split as published). CLoQ's
             own split is balanced in the whitened space, which leaves A ~25x smaller than B on
             MiniLM; Adam's steps are about ``lr`` in size whatever a factor's scale, so such an A
             moves ~25x faster relative to its size than B (see the README's fine-tuning study).
@@ -168,7 +170,7 @@ class LoRAConfig:
     init_iters: Optional[int] = None
     requant_rounds: int = 0
     requant_tol: float = 1e-3
-    balance: bool = False
+    balance: Optional[bool] = None
 
     def __post_init__(self):
         object.__setattr__(self, "init", _enum_field(InitMethod, self.init, "init"))
@@ -184,7 +186,8 @@ class LoRAConfig:
         _check_names(self.target_modules, "target_modules")
         _check_names(self.exclude, "exclude")
         _check_bool(self, "use_rslora")
-        _check_bool(self, "balance")
+        if self.balance is not None:
+            _check_bool(self, "balance")
         if not isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if isinstance(self.exclude, str):
@@ -243,4 +246,11 @@ class LoRAConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "LoRAConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {"balance": False, **d}  # a record from before the field describes unbalanced factors
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def balances(self) -> bool:
+        """Whether a non-zero init's factors are re-split with equal scales (see ``balance``)."""
+        if self.balance is None:
+            return self.init in (InitMethod.CLOQ, InitMethod.QUAILORA)
+        return self.balance

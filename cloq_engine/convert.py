@@ -110,9 +110,9 @@ def init_layer(W: torch.Tensor, qw: QuantizedWeight, lora_config: LoRAConfig,
 
 
 def balance_factors(A: torch.Tensor, B: torch.Tensor, lora_config: LoRAConfig, rank: int):
-    """``(A, B)`` re-split with equal singular values when ``lora_config.balance`` (same product);
+    """``(A, B)`` re-split with equal singular values when ``lora_config.balances()`` (same product);
     a zero B (QLoRA's init) is left as it is: its A is the random direction training starts from."""
-    if not lora_config.balance or not bool(B.any()):
+    if not lora_config.balances() or not bool(B.any()):
         return A, B
     s = lora_config.scaling_for_rank(rank)
     B2, A2 = linalg.rebalance(s * B.double(), A.double(), s)

@@ -31,7 +31,7 @@ from .finetune import TrainSettings, linear_probe, train_lora
 from .tasks import TaskSettings, make_task
 
 FULL_PRECISION = "full-precision"  # the ceiling: LoRA (PEFT) on the full-precision base
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: calibrated inits balanced by default (LoRAConfig.balance=None)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Named init variants, as ``cloq compare`` and ``cloq bench finetune`` run them.
 
 A variant is an init method plus how it is run: ``loftq`` alternates with its own RTN quantizer
-(an uncalibrated method, as in its paper), ``cloq+requant`` is CLoQ with joint re-quantization
+(an uncalibrated method, as in its paper), ``cloq`` is CLoQ with its published split (the
+library's default ``LoRAConfig`` balances calibrated inits; every other calibrated variant keeps that
+default), ``cloq+requant`` is CLoQ with joint re-quantization
 (3 rounds), ``cloq+balanced`` is CLoQ with its factors re-split to equal scale in weight
 space (``LoRAConfig.balance``), ``cloq+ranks`` is CLoQ with per-layer ranks planned under the parameter budget of
 the uniform rank. One registry, so that the comparison and the fine-tuning study cannot drift.
@@ -33,8 +35,13 @@ def _with_init(lc: LoRAConfig, init: str, **changes) -> LoRAConfig:
     return LoRAConfig.from_dict({**lc.to_dict(), "init": init, **changes})
 
 
-for _plain in ("zero", "quailora", "cloq", "svd"):
+for _plain in ("zero", "quailora", "svd"):
     register_variant(_plain)(lambda lc, qc, base, calib, _i=_plain: (qc, _with_init(lc, _i)))
+
+
+@register_variant("cloq")
+def _cloq(lc, qc, base, calib):  # CLoQ's own split, as published (the library default balances it)
+    return qc, _with_init(lc, "cloq", balance=False)
 
 
 @register_variant("loftq")

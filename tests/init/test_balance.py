@@ -38,3 +38,24 @@ def test_balance_is_saved_with_the_config():
     lc = ce.LoRAConfig(rank=4, balance=True)
     assert ce.LoRAConfig.from_dict(lc.to_dict()).balance is True
     assert ce.LoRAConfig.from_dict({"rank": 4}).balance is False  # checkpoints from before the field
+
+
+def test_calibrated_inits_are_balanced_by_default_and_others_are_not():
+    assert ce.LoRAConfig(init="cloq").balances() and ce.LoRAConfig(init="quailora").balances()
+    assert not ce.LoRAConfig(init="loftq").balances() and not ce.LoRAConfig(init="svd").balances()
+    assert not ce.LoRAConfig(init="cloq", balance=False).balances()
+    assert ce.LoRAConfig(init="loftq", balance=True).balances()
+    assert ce.LoRAConfig.from_dict(ce.LoRAConfig().to_dict()).balance is None
+    default, published = _layer("cloq", None), _layer("cloq", False)
+    balanced = _layer("cloq", True)
+    torch.testing.assert_close(default.lora_A, balanced.lora_A)
+    assert not torch.allclose(default.lora_A, published.lora_A)
+
+
+def test_the_cloq_study_variant_is_the_published_split():
+    from cloq_engine.variants import resolve_variant
+
+    qc = ce.QuantConfig(bits=2, group_size=32, method="rtn")
+    assert resolve_variant("cloq", ce.LoRAConfig(), qc)[1].balances() is False
+    assert resolve_variant("cloq+balanced", ce.LoRAConfig(), qc)[1].balances() is True
+    assert resolve_variant("quailora", ce.LoRAConfig(), qc)[1].balances() is True
