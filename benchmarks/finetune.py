@@ -295,7 +295,7 @@ def summarize(args, tasks, rates, done) -> dict:
 
 
 def _metrics_of(task: str) -> List[str]:
-    return {"recovery": ["cosine", "spearman"], "topics": ["accuracy", "macro_f1"], "lm": ["perplexity"]}[task]
+    return {"recovery": ["cosine", "spearman"], "topics": ["accuracy", "macro_f1"], "lm": ["perplexity", "code_perplexity", "topic_accuracy"]}[task]
 
 
 def _fmt(ms, digits=4):

@@ -111,6 +111,38 @@ def topic_split(min_per_half: int = TOPIC_MIN_PARAGRAPHS) -> TopicSplit:
     return TopicSplit(names, tr, trl, ho, hol)
 
 
+# A second held-out domain for causal LMs that calibration (English prose) does not resemble:
+# Python source code of standard-library modules, as shipped with this interpreter.
+CODE_MODULES = ("textwrap", "difflib", "fractions", "heapq", "bisect", "calendar", "shlex", "statistics",
+                "string", "glob", "fnmatch", "colorsys", "queue", "sched", "tabnanny", "netrc")
+
+
+@functools.lru_cache(maxsize=1)
+def code_paragraphs() -> tuple:
+    """Blank-line separated chunks of the source of :data:`CODE_MODULES` (layout kept: each chunk
+    ends with its blank line, so that the token stream reads as the file does)."""
+    import importlib.util
+
+    chunks = []
+    for name in CODE_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        with open(spec.origin, encoding="utf-8") as f:
+            text = f.read()
+        chunks += [c + "\n\n" for c in text.split("\n\n") if c.strip()]
+    return tuple(chunks)
+
+
+HELDOUT_DOMAINS = {"pydoc": lambda: heldout_paragraphs(), "code": lambda: list(code_paragraphs())}
+
+
+def heldout_domain(name: str) -> List[str]:
+    if name not in HELDOUT_DOMAINS:
+        raise ValueError(f"unknown held-out domain {name!r}; expected one of {sorted(HELDOUT_DOMAINS)}")
+    return HELDOUT_DOMAINS[name]()
+
+
 def calibration_text() -> str:
     return "\n\n".join(calibration_paragraphs())
 

@@ -218,7 +218,8 @@ def _train(job: dict) -> dict:
     res = train_lora(model, task, settings, head=head, curve=job["split"] == "heldout")
     train_s = time.perf_counter() - t0
     split = task.val if job["split"] == "val" else task.heldout
-    scores = {k: float("nan") for k in ("cosine", "spearman", "accuracy", "macro_f1", "perplexity")}
+    scores = {k: float("nan") for k in ("cosine", "spearman", "accuracy", "macro_f1", "perplexity",
+                                          "code_perplexity", "topic_accuracy")}
     if not res["diverged"]:
         scores = task.evaluate(model, head, split)
     return {"scores": scores, "train_s": train_s, **res}

@@ -10,7 +10,10 @@ for reporting only), plus ``curve`` (an evenly spaced subset of ``heldout`` scor
 * ``topics`` (encoders): a supervised task the calibration objective does not aim at: classify
   each paragraph by the ``pydoc_data.topics`` key it comes from (:func:`data.topic_split`) with a
   trainable linear head on the mean-pooled embedding; scored by held-out accuracy and macro-F1.
-* ``lm`` (causal LMs): next-token loss on blocks of the training text; held-out perplexity.
+* ``lm`` (causal LMs): next-token loss on blocks of the training text; held-out perplexity on the
+  pydoc text and on a second domain calibration does not resemble (standard-library source code,
+  :func:`data.code_paragraphs`), and a four-way multiple choice scored by log-likelihood: which of
+  four topic titles a held-out paragraph belongs to (:data:`TOPIC_TITLES`; chance 25%).
 """
 from __future__ import annotations
 
@@ -237,39 +240,110 @@ class TopicTask(Task):
         return classification_scores(logits.argmax(-1), split.targets, len(self.names))
 
 
+# Readable titles of the pydoc topics that data.topic_split keeps (the multiple-choice options).
+TOPIC_TITLES = {
+    "assignment": "assignment statements", "calls": "function calls", "comparisons": "comparison operators",
+    "compound": "compound statements", "debugger": "the pdb debugger", "formatstrings": "format string syntax",
+    "import": "the import statement", "raise": "the raise statement", "specialnames": "special method names",
+    "string-methods": "string methods", "strings": "string and bytes literals",
+    "types": "the standard type hierarchy", "typesmapping": "mapping types (dict)",
+    "typesseq": "sequence types (list, tuple, range)",
+}
+MC_CHOICES, MC_CONTEXT_TOKENS = 4, 64
+
+
 @register_task
 class CausalLMTask(Task):
     name, metric, causal = "lm", "perplexity", True
     higher_is_better = False
     default_eval_samples = 64
+    mc_items = 64  # multiple-choice questions scored on the held-out half
 
     def _build(self, base):
         s = self.settings
         positions = getattr(base.config, "max_position_embeddings", None) or s.lm_seq_len
-        seq = min(s.lm_seq_len, positions)
+        seq = self.seq = min(s.lm_seq_len, positions)
         blocks = [b[0] for b in data.token_blocks(data.calibration_paragraphs(), self.tokenizer, seq, s.lm_blocks)]
-        held = [b[0] for b in data.token_blocks(data.heldout_paragraphs(), self.tokenizer, seq,
-                                                s.eval_samples or self.default_eval_samples)]
+        n_eval = s.eval_samples or self.default_eval_samples
+        held = [b[0] for b in data.token_blocks(data.heldout_paragraphs(), self.tokenizer, seq, n_eval)]
+        self.code = Split([b[0] for b in data.token_blocks(data.code_paragraphs(), self.tokenizer, seq, n_eval)])
+        self.mc = self._choices()
         tr, va = _carve(len(blocks))
         whole = Split(blocks)
         return whole.subset(tr), whole.subset(va), Split(held)
 
+    def _choices(self) -> List[tuple]:
+        """(context ids, [option ids], answer) per question: a held-out paragraph (its first
+        MC_CONTEXT_TOKENS tokens), then "This is from the Python documentation on", and four topic
+        titles: the paragraph's own and three others drawn with a fixed seed, in a drawn order."""
+        split = data.topic_split()
+        names = split.names
+        g = torch.Generator().manual_seed(0)
+        items = []
+        for i in _evenly(len(split.heldout_texts), self.mc_items):
+            text, label = split.heldout_texts[i], split.heldout_labels[i]
+            ctx = self.tokenizer(text, add_special_tokens=False)["input_ids"][:MC_CONTEXT_TOKENS]
+            ctx = ctx + self.tokenizer("\nThis is from the Python documentation on", add_special_tokens=False)["input_ids"]
+            others = [j for j in torch.randperm(len(names), generator=g).tolist() if j != label][:MC_CHOICES - 1]
+            options = [label] + others
+            order = torch.randperm(MC_CHOICES, generator=g).tolist()
+            options = [options[k] for k in order]
+            ids = [self.tokenizer(" " + TOPIC_TITLES.get(names[j], names[j]) + ".", add_special_tokens=False)["input_ids"]
+                   for j in options]
+            items.append((ctx, ids, options.index(label)))
+        return items
+
     def loss(self, model, head, batch):
         return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
+    def _perplexity(self, model, split: Split) -> float:
+        nll, count = 0.0, 0
+        for _, batch in self._eval_batches(split):
+            logits = model(input_ids=batch["input_ids"]).logits.float()
+            ids = batch["input_ids"]
+            nll += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1), reduction="sum"))
+            count += ids[:, 1:].numel()
+        return math.exp(nll / max(count, 1))
+
+    def _choice_accuracy(self, model) -> float:
+        """Share of questions whose right title has the highest mean token log-likelihood. The context
+        runs once (its KV cache repeated for the options) and the head only at the option positions."""
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel
+        body, head = lm.get_decoder(), lm.get_output_embeddings()
+        right = 0
+        for ctx, options, answer in self.mc:
+            out = body(input_ids=torch.tensor([ctx]), use_cache=True)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(options))
+            width = max(len(o) for o in options)
+            # each option is fed after the context; its first token is predicted by the context's last state
+            ids = torch.full((len(options), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(options), len(ctx) + width), dtype=torch.long)
+            mask[:, : len(ctx)] = 1
+            for r, o in enumerate(options):
+                ids[r, : len(o)], mask[r, len(ctx): len(ctx) + len(o)] = torch.tensor(o), 1
+            hid = body(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state
+            last = out.last_hidden_state[0, -1]
+            scores = []
+            for r, o in enumerate(options):
+                states = torch.cat([last[None], hid[r, : len(o) - 1]])  # the states that predict o's tokens
+                logp = head(states).float().log_softmax(-1)[torch.arange(len(o)), torch.tensor(o)]
+                scores.append(float(logp.mean()))
+            right += int(max(range(len(scores)), key=scores.__getitem__) == answer)
+        return right / max(1, len(self.mc))
+
     @torch.no_grad()
     def evaluate(self, model, head, split):
+        """Perplexity on ``split``; on the held-out half also the code-domain perplexity and the
+        multiple-choice accuracy (not on the curve and validation splits: they cost a few seconds)."""
         was = model.training
         model.eval()
-        nll, count = 0.0, 0
         try:
-            for _, batch in self._eval_batches(split):
-                logits = model(input_ids=batch["input_ids"]).logits.float()
-                ids = batch["input_ids"]
-                nll += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                         ids[:, 1:].reshape(-1), reduction="sum"))
-                count += ids[:, 1:].numel()
+            out = {"perplexity": self._perplexity(model, split)}
+            if split is self.heldout:
+                out["code_perplexity"] = self._perplexity(model, self.code)
+                out["topic_accuracy"] = self._choice_accuracy(model)
         finally:
             model.train(was)
-        return {"perplexity": math.exp(nll / max(count, 1))}
-
+        return out
