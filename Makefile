@@ -1,11 +1,11 @@
 # Two commands do everything on a fresh machine (Python >= 3.10 and a C++ compiler assumed):
-#   make demo   set up .venv, then run the main job on the embedded default model
+#   make demo   set up .venv, then run the main job on the embedded causal LM (SmolLM2-135M-Instruct)
 #   make test   set up .venv, then run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cloq-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-minilm test bench clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,18 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	$(PY) -c "import cloq_engine as ce; print('cloq_engine', ce.__version__, 'backends:', ce.available_backends())"
 	touch $(STAMP)
 
+# The main job on the embedded causal LM (SmolLM2-135M-Instruct): 2-bit GPTQ with the default
+# calibrated init (CLoQ) and with zero init (QLoRA), then held-out perplexity against full precision
+# and the three models' greedy answers to one prompt.
+DEMO_CALIB := --model smollm2 --bits 2 --group-size 64 --samples 32 --seq-len 256 --overwrite --no-progress
 demo: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq prepare $(DEMO_CALIB) --init cloq --out out/smollm2-2bit-cloq
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq prepare $(DEMO_CALIB) --init zero --out out/smollm2-2bit-zero
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq eval out/smollm2-2bit-cloq out/smollm2-2bit-zero --samples 16 \
+		--prompt "What is a Python list comprehension?"
+
+# The encoder demo of earlier versions: 2-bit GPTQ + CLoQ on the embedded MiniLM
+demo-minilm: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq prepare --bits 2 --group-size 64 --out out/minilm-2bit --overwrite
 	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq eval out/minilm-2bit
 

@@ -133,11 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare block by block from the safetensors shards in bounded memory, keeping finished "
                         "blocks in <out>.partial/; rerun with --resume after an interruption to continue")
 
-    p = sub.add_parser("eval", help="evaluate a prepared checkpoint against its full-precision model")
-    p.add_argument("checkpoint", type=_existing_dir)
+    p = sub.add_parser("eval", help="evaluate prepared checkpoints against their full-precision model")
+    p.add_argument("checkpoint", type=_existing_dir, nargs="+",
+                   help="one or more checkpoints of the same full-precision model, scored in one table")
     p.add_argument("--data", type=_existing_file, default=None, help="held-out UTF-8 text (default: embedded)")
     p.add_argument("--base", type=_existing_dir, default=None, help="full-precision model (default: recorded one)")
     p.add_argument("--samples", type=_positive_int, default=256, help="held-out paragraphs or blocks")
+    p.add_argument("--prompt", default=None,
+                   help="causal LMs: also print each model's greedy answer to this prompt (chat template when "
+                        "the tokenizer has one)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=48)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("compare", help="every init method at every bit width: table, JSON and PNG plot")
@@ -169,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a previous cloq export at --out")
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=("kernels", "train", "init", "quantize", "prepare", "finetune"))
+    p.add_argument("which", choices=("kernels", "train", "init", "quantize", "prepare", "finetune", "causal_cpu"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
 

@@ -105,21 +105,26 @@ def _table(rows: List[List], header: List[str]) -> str:
 
 
 class Evaluator:
-    """Scores models against the full-precision one on held-out text: perplexity for causal LMs,
-    embedding agreement (cosine, Spearman of pairwise similarities) for encoders."""
+    """Scores models against the full-precision one on held-out text: perplexity for causal LMs (on
+    each held-out domain of :data:`data.HELDOUT_DOMAINS` unless ``paragraphs`` are given), embedding
+    agreement (cosine, Spearman of pairwise similarities) for encoders."""
 
-    def __init__(self, base_model, tokenizer, paragraphs: List[str], samples: int):
+    def __init__(self, base_model, tokenizer, paragraphs: Optional[List[str]], samples: int):
         from .eval import perplexity, sentence_embeddings
 
         self.causal = data.is_causal_lm(base_model.config)
         if self.causal:
             seq = min(256, getattr(base_model.config, "max_position_embeddings", 256) or 256)
-            self.inputs = data.token_blocks(paragraphs, tokenizer, seq, samples)
-            if not self.inputs:
+            texts = ({"perplexity": paragraphs} if paragraphs is not None else
+                     {("perplexity" if d == "pydoc" else f"perplexity ({d})"): data.heldout_domain(d)
+                      for d in data.HELDOUT_DOMAINS})
+            self.inputs = {k: data.token_blocks(t, tokenizer, seq, samples) for k, t in texts.items()}
+            if not all(self.inputs.values()):
                 raise CLIError("the evaluation text is too short for one block of tokens")
-            self.base_score = {"perplexity": perplexity(base_model, self.inputs)}
+            self.base_score = {k: perplexity(base_model, b) for k, b in self.inputs.items()}
         else:
-            self.inputs = data.sentence_batches(paragraphs, tokenizer, limit=samples)
+            self.inputs = data.sentence_batches(data.heldout_paragraphs() if paragraphs is None else paragraphs,
+                                                tokenizer, limit=samples)
             if not self.inputs:
                 raise CLIError("the evaluation text has no paragraphs")
             self.reference = sentence_embeddings(base_model, self.inputs)
@@ -129,7 +134,7 @@ class Evaluator:
         from .eval import embedding_agreement, perplexity, sentence_embeddings
 
         if self.causal:
-            return {"perplexity": perplexity(model, self.inputs)}
+            return {k: perplexity(model, b) for k, b in self.inputs.items()}
         return embedding_agreement(sentence_embeddings(model, self.inputs), self.reference)
 
     @property
@@ -361,21 +366,58 @@ def _base_model(args_base: Optional[str], qcfg: dict):
     return data.load_model(base)
 
 
+def _describe(qcfg: dict) -> str:
+    q, lora = qcfg.get("quant", {}), qcfg.get("lora", {})
+    return f"{q.get('bits', '?')}-bit {q.get('method', '?')}, init={lora.get('init', '?')}"
+
+
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The model's greedy continuation of ``prompt`` (as a chat turn when the tokenizer has a template)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
 def cmd_eval(args) -> int:
-    model, tok, qcfg = _load_checkpoint(args.checkpoint)
-    base, base_tok = _base_model(args.base, qcfg)
-    ev = Evaluator(base, tok or base_tok, _heldout(args.data), args.samples)
-    score = ev.score(model)
-    desc = (f"{qcfg.get('quant', {}).get('bits', '?')}-bit {qcfg.get('quant', {}).get('method', '?')}, "
-            f"init={qcfg.get('lora', {}).get('init', '?')}")
-    rows = [["full precision", *[ev.base_score[k] for k in score]], [desc, *score.values()]]
-    print(_table(rows, ["model", *score.keys()]))
-    if score.get("spearman", 0.0) != score.get("spearman", 0.0):  # NaN
+    paths = args.checkpoint if isinstance(args.checkpoint, list) else [args.checkpoint]
+    loaded = [_load_checkpoint(p) for p in paths]
+    bases = {args.base or q.get("base_model") for _, _, q in loaded}
+    if len(bases) > 1:
+        raise CLIError("the checkpoints come from different full-precision models "
+                       f"({', '.join(sorted(map(str, bases)))}): evaluate them separately or pass --base DIR")
+    base, base_tok = _base_model(args.base, loaded[0][2])
+    tok = loaded[0][1] or base_tok
+    ev = Evaluator(base, tok, None if args.data is None else _heldout(args.data), args.samples)
+    scores = [ev.score(m) for m, _, _ in loaded]
+    names = [_describe(q) for _, _, q in loaded]
+    if len(set(names)) < len(names):  # same settings: tell them apart by directory
+        names = [f"{n} ({os.path.basename(os.path.normpath(p))})" for n, p in zip(names, paths)]
+    keys = list(scores[0])
+    rows = [["full precision", *[ev.base_score[k] for k in keys]]] + [[n, *s.values()] for n, s in zip(names, scores)]
+    print(_table(rows, ["model", *keys]))
+    if any(s.get("spearman", 0.0) != s.get("spearman", 0.0) for s in scores):  # NaN
         print(f"note: Spearman cannot be computed from {len(ev.reference)} paragraph(s): it ranks pairwise "
               "similarities and needs at least 3 (--data, --samples)", file=sys.stderr)
+    answers = {}
+    if args.prompt is not None:
+        if not ev.causal:
+            raise CLIError("--prompt needs a causal LM (this model is an encoder)")
+        print(f"\nprompt: {args.prompt}")
+        for name, model in [("full precision", base)] + [(n, m) for n, (m, _, _) in zip(names, loaded)]:
+            answers[name] = greedy_answer(model, tok, args.prompt, args.max_new_tokens)
+            print(f"\n[{name}]\n{answers[name]}")
     if args.json:
-        clean = {k: (None if v != v else v) for k, v in score.items()}  # JSON has no NaN
-        print(json.dumps({"checkpoint": args.checkpoint, "score": clean, "full_precision": ev.base_score}))
+        clean = [{k: (None if v != v else v) for k, v in s.items()} for s in scores]  # JSON has no NaN
+        out = {"checkpoints": paths, "scores": clean, "full_precision": ev.base_score, "answers": answers}
+        if len(paths) == 1:  # the one-checkpoint layout of earlier versions
+            out.update(checkpoint=paths[0], score=clean[0])
+        print(json.dumps(out))
     return 0
 
 
@@ -388,7 +430,7 @@ def cmd_compare(args) -> int:
     _check_seq_len(args.seq_len)
     base, tok = data.load_model(args.model)
     calib = _calibration(args, tok, base.config)
-    ev = Evaluator(base, tok, data.heldout_paragraphs(), args.eval_samples)
+    ev = Evaluator(base, tok, None, args.eval_samples)
     results = []
     for bits in args.bits:
         for init in args.inits:

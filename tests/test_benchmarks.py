@@ -73,3 +73,29 @@ def test_dense_fold_baseline_matches_dense_lora_in_both_folds(monkeypatch):
         torch.testing.assert_close(x.grad, xr.grad)
         torch.testing.assert_close(layer.lora_A.grad, A.grad)
         torch.testing.assert_close(layer.lora_B.grad, B.grad)
+
+
+def test_causal_cpu_measures_each_pair_and_writes_a_line_each(tmp_path, capsys):
+    import cloq_engine as ce
+    from tiny_models import tiny_llama_dir
+
+    from cloq_engine import data
+
+    base = tiny_llama_dir(tmp_path / "m")
+    model, tok = data.load_model(base)
+    calib = data.token_blocks(data.calibration_paragraphs(), tok, 16, 2)
+    model = ce.prepare_model(model, ce.QuantConfig(bits=2, group_size=32, method="rtn"),
+                             ce.LoRAConfig(rank=4, init="zero"), calib=calib)
+    model.cloq_config["base_model"] = base
+    from cloq_engine.hf.quantizer import attach_quantization_config
+
+    attach_quantization_config(model)
+    ck = ce.save_pretrained(model, tmp_path / "ck", tokenizer=tok)
+    out = tmp_path / "cpu.jsonl"
+    assert _load("causal_cpu").main([str(ck), "--repeats", "1", "--seq-len", "16", "--batch", "2",
+                                     "--train-seq", "8", "--decode-tokens", "2", "--threads", "1",
+                                     "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["measurement"].split(" ")[0] for r in rows] == ["forward", "train", "decode"]
+    assert all(r["peer_s"] > 0 and r["ours_s"] > 0 for r in rows)
+    assert "decode tokens/s" in capsys.readouterr().out

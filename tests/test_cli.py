@@ -129,6 +129,23 @@ def test_decoder_prepare_eval_finetune_report_perplexity(tiny_causal_dir, tmp_pa
     assert len(json.loads(stdout.strip().splitlines()[-1])["losses"]) == 2
 
 
+def test_eval_scores_several_checkpoints_on_both_domains_and_prints_greedy_answers(tiny_causal_dir, tmp_path):
+    cks = []
+    for init in ("cloq", "zero"):
+        cks.append(str(tmp_path / init))
+        code, _, stderr = _run("prepare", "--model", str(tiny_causal_dir), "--bits", "2", "--group-size", "32",
+                               "--init", init, "--out", cks[-1], "--samples", "4", "--seq-len", "32", "--no-progress")
+        assert code == 0, stderr
+    code, stdout, stderr = _run("eval", *cks, "--samples", "2", "--prompt", "a list is", "--max-new-tokens", "4",
+                                "--json")
+    assert code == 0, stderr
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert [set(s) for s in res["scores"]] == [{"perplexity", "perplexity (code)"}] * 2
+    assert res["scores"][0] != res["scores"][1]
+    assert set(res["answers"]) == {"full precision", "2-bit gptq, init=cloq", "2-bit gptq, init=zero"}
+    assert "[2-bit gptq, init=zero]" in stdout and "prompt: a list is" in stdout
+
+
 # -- --out never destroys what the program did not write (all refused before any work) -------------
 def _user_dir(path):
     path.mkdir()
