@@ -73,6 +73,8 @@ def parse_args(argv):
     p.add_argument("--out", default="results/finetune")
     p.add_argument("--cache", default=None, help="prepared models (default: <out>/cache)")
     p.add_argument("--restart", action="store_true", help="discard <out>/runs.jsonl from an earlier study")
+    p.add_argument("--at-init", action="store_true",
+                   help="only prepare and score every (width, init) at init: the table before fine-tuning")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:  # the quick settings, except where an option was given
@@ -324,6 +326,36 @@ def print_tables(summary, args) -> None:
                   + " | ".join(_fmt(r[m]) for m in metrics) + f" | {vs} | {gap} |")
 
 
+def print_at_init(args, tasks, done, config, elapsed) -> int:
+    """The at-init table of an ``--at-init`` run (every metric of every task) and at_init.json."""
+    rows = []
+    for job in prepare_jobs(args):
+        rec = done.get(job["id"])
+        if rec is None:
+            continue
+        row = {"bits": job["bits"], "init": job["variant"], "quantizer": rec["record"].get("quantizer", "-"),
+               "mean_err_init": rec["record"].get("mean_err_init"), "prepare_s": rec["record"].get("prepare_s")}
+        for t in tasks:
+            row.update({f"{t}:{m}": v for m, v in rec["at_init"].get(t, {}).get("heldout", {}).items()})
+        rows.append(row)
+    metrics = [k for k in rows[0] if ":" in k] if rows else []
+    print(f"\n## at init: rank {args.rank}, group {args.group_size}, {args.quantizer}, {args.samples} x {args.seq_len} "
+          "calibration tokens")
+    cols = ["bits", "init", "quantizer", "mean layer error", *metrics]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        err = r["mean_err_init"]
+        print(f"| {'-' if r['bits'] is None else r['bits']} | {r['init']} | {r['quantizer']} | "
+              f"{'' if err is None else f'{err:.4f}'} | " + " | ".join(f"{_num(r.get(m)):.4f}" for m in metrics) + " |")
+    path = os.path.join(args.out, "at_init.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable({"settings": config.to_dict(), "rows": rows, "elapsed_s": elapsed}), f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path} ({elapsed / 60:.1f} min)")
+    return 0
+
+
 def plot(summary, done, args, rates, path) -> None:
     import matplotlib
 
@@ -440,6 +472,12 @@ def main(argv=None) -> int:
     n_search = 0 if args.lr is not None else len(tasks) * len(variants_with_reference(args)) * len(args.lr_grid)
     n_main = len(main_jobs(args, tasks, {t: {v: 1.0 for v in variants_with_reference(args)} for t in tasks}, targets))
     runner = Runner(args, config, len(prepare_jobs(args)) + n_search + n_main)
+    if args.at_init:
+        try:
+            runner.run(prepare_jobs(args))
+        finally:
+            runner.close()
+        return print_at_init(args, tasks, runner.done, config, time.perf_counter() - t0)
     try:
         runner.run(prepare_jobs(args))
         runner.run(search_jobs(args, tasks, targets))

@@ -175,7 +175,32 @@ def test_bench_finetune_causal_lm_scores_perplexity(tmp_path, tiny_llama, capsys
     rows = res["summary"]["lm"]
     assert [(r["bits"], r["init"]) for r in rows] == [(2, "zero"), (2, "cloq")]
     assert all(r["perplexity"][0] > 1 for r in rows)
+    # the lm task scores a second domain (standard-library code) and the topic multiple choice on held-out
+    assert all(r["code_perplexity"][0] > 1 and 0 <= r["topic_accuracy"][0] <= 1 for r in rows)
     assert "## lm" in capsys.readouterr().out
+
+
+def test_bench_finetune_at_init_prepares_and_scores_only(tmp_path, tiny_llama, capsys):
+    assert _run(tmp_path, tiny_llama, ["--no-reference", "--at-init"]) == 0
+    res = json.loads((tmp_path / "study" / "at_init.json").read_text())
+    assert [(r["bits"], r["init"]) for r in res["rows"]] == [(2, "zero"), (2, "cloq")]
+    assert all(r["lm:perplexity"] > 1 and r["lm:code_perplexity"] > 1 for r in res["rows"])
+    runs = (tmp_path / "study" / "runs.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["id"].startswith("prepare/") for line in runs)
+    assert "## at init" in capsys.readouterr().out
+
+
+def test_topic_choices_hold_the_answer_among_four_distinct_titles():
+    from cloq_engine.tasks import MC_CHOICES, CausalLMTask
+
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(data.minilm_path())
+    task = CausalLMTask.__new__(CausalLMTask)
+    task.tokenizer = tok
+    items = task._choices()
+    assert len(items) == CausalLMTask.mc_items
+    assert all(len(opts) == MC_CHOICES and len({tuple(o) for o in opts}) == MC_CHOICES and 0 <= ans < MC_CHOICES
+               for _, opts, ans in items)
+    assert len({ans for _, _, ans in items}) == MC_CHOICES  # the right answer is not always in one place
 
 
 def test_quick_mode_settings_and_an_explicit_option_wins():
