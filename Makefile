@@ -34,7 +34,7 @@ DEMO_CALIB := --model smollm2 --bits 2 --group-size 64 --samples 32 --seq-len 25
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq prepare $(DEMO_CALIB) --init cloq --out out/smollm2-2bit-cloq
 	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq prepare $(DEMO_CALIB) --init zero --out out/smollm2-2bit-zero
-	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq eval out/smollm2-2bit-cloq out/smollm2-2bit-zero --samples 16 \
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq eval out/smollm2-2bit-cloq out/smollm2-2bit-zero --samples 8 \
 		--prompt "What is a Python list comprehension?"
 
 # The encoder demo of earlier versions: 2-bit GPTQ + CLoQ on the embedded MiniLM
