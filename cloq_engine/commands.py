@@ -108,7 +108,7 @@ class Evaluator:
     """Scores models against the full-precision one on held-out text: perplexity for causal LMs,
     embedding agreement (cosine, Spearman of pairwise similarities) for encoders."""
 
-    def __init__(self, base_model, tokenizer, paragraphs: List[str], samples: int):
+    def __init__(self, base_model, tokenizer, paragraphs: List[str], samples: int, what: str = "the evaluation text"):
         from .eval import perplexity, sentence_embeddings
 
         self.causal = data.is_causal_lm(base_model.config)
@@ -116,12 +116,12 @@ class Evaluator:
             seq = min(256, getattr(base_model.config, "max_position_embeddings", 256) or 256)
             self.inputs = data.token_blocks(paragraphs, tokenizer, seq, samples)
             if not self.inputs:
-                raise CLIError("the evaluation text is too short for one block of tokens")
+                raise CLIError(f"{what} is too short for one block of {seq} tokens")
             self.base_score = {"perplexity": perplexity(base_model, self.inputs)}
         else:
             self.inputs = data.sentence_batches(paragraphs, tokenizer, limit=samples)
             if not self.inputs:
-                raise CLIError("the evaluation text has no paragraphs")
+                raise CLIError(f"{what} has no paragraphs")
             self.reference = sentence_embeddings(base_model, self.inputs)
             self.base_score = {"cosine": 1.0, "spearman": 1.0}
 
@@ -361,13 +361,23 @@ def _base_model(args_base: Optional[str], qcfg: dict):
     return data.load_model(base)
 
 
+def describe_checkpoint(record: dict) -> str:
+    """A checkpoint in a few words: "2-bit gptq, init=cloq", then ", fine-tuned N steps" when its
+    LoRA factors were trained since (the init alone no longer describes them)."""
+    desc = (f"{record.get('quant', {}).get('bits', '?')}-bit {record.get('quant', {}).get('method', '?')}, "
+            f"init={record.get('lora', {}).get('init', '?')}")
+    tuned = record.get("finetuned")
+    if isinstance(tuned, dict):
+        desc += f", fine-tuned {tuned.get('steps', '?')} steps"
+    return desc
+
+
 def cmd_eval(args) -> int:
     model, tok, qcfg = _load_checkpoint(args.checkpoint)
     base, base_tok = _base_model(args.base, qcfg)
     ev = Evaluator(base, tok or base_tok, _heldout(args.data), args.samples)
     score = ev.score(model)
-    desc = (f"{qcfg.get('quant', {}).get('bits', '?')}-bit {qcfg.get('quant', {}).get('method', '?')}, "
-            f"init={qcfg.get('lora', {}).get('init', '?')}")
+    desc = describe_checkpoint(getattr(model, "cloq_config", None) or qcfg)
     rows = [["full precision", *[ev.base_score[k] for k in score]], [desc, *score.values()]]
     print(_table(rows, ["model", *score.keys()]))
     if score.get("spearman", 0.0) != score.get("spearman", 0.0):  # NaN
@@ -375,7 +385,7 @@ def cmd_eval(args) -> int:
               "similarities and needs at least 3 (--data, --samples)", file=sys.stderr)
     if args.json:
         clean = {k: (None if v != v else v) for k, v in score.items()}  # JSON has no NaN
-        print(json.dumps({"checkpoint": args.checkpoint, "score": clean, "full_precision": ev.base_score}))
+        print(json.dumps({"checkpoint": args.checkpoint, "model": desc, "score": clean, "full_precision": ev.base_score}))
     return 0
 
 
@@ -453,15 +463,18 @@ def cmd_finetune(args) -> int:
     out = _check_out(out, args.overwrite, [args.checkpoint])
     # The result is the size of the checkpoint (+ its adapter): refuse now, not after training.
     check_free_space(out, 2 * os.path.getsize(os.path.join(args.checkpoint, WEIGHTS_NAME)))
+    train, heldout, what = _finetune_text(args.data)
     model, tok, qcfg = _load_checkpoint(args.checkpoint)
     base, base_tok = _base_model(None, qcfg)
     tok = tok or base_tok
-    ev = Evaluator(base, tok, data.heldout_paragraphs(), 128)
+    ev = Evaluator(base, tok, heldout, args.eval_samples, what=what)
     before = ev.score(model)
-    paras = data.read_text_file(args.data) if args.data else data.calibration_paragraphs()
-    losses = finetune(model, base, tok, paras, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+    losses = finetune(model, base, tok, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                       seq_len=args.seq_len, causal=ev.causal)
     after = ev.score(model)
+    tuned = model.cloq_config.get("finetuned") or {}
+    model.cloq_config["finetuned"] = {"steps": int(tuned.get("steps", 0)) + args.steps,
+                                      "data": os.path.abspath(args.data) if args.data else "embedded"}
     save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
     export_peft_adapter(model, os.path.join(out, "adapter"), overwrite=True)  # inside the --out just written
     m = ev.metric
@@ -472,6 +485,20 @@ def cmd_finetune(args) -> int:
     if args.json:
         print(json.dumps({"before": before, "after": after, "full_precision": ev.base_score, "losses": losses}))
     return 0
+
+
+def _finetune_text(path: Optional[str]):
+    """(training paragraphs, held-out paragraphs, how errors name the held-out text): --data's even
+    paragraphs train and its odd ones are scored (data.split_paragraphs), as the embedded text's halves."""
+    if not path:
+        return data.calibration_paragraphs(), data.heldout_paragraphs(), "the embedded held-out text"
+    paras = data.read_text_file(path)
+    train, heldout = data.split_paragraphs(paras)
+    if not heldout:
+        raise CLIError(f"--data {path}: its {len(paras)} paragraph(s) leave none to hold out for scoring (the odd "
+                       "paragraphs are scored, the even ones trained on): give at least 2 paragraphs separated by a "
+                       "blank line")
+    return train, heldout, f"the held-out (odd) paragraphs of --data {path}"
 
 
 HIGHER_IS_BETTER = {"perplexity": False, "cosine": True, "spearman": True}
