@@ -155,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune the LoRA factors of a checkpoint with the HF Trainer")
     p.add_argument("checkpoint", type=_existing_dir)
-    p.add_argument("--data", type=_existing_file, default=None, help="UTF-8 training text (default: embedded calibration text)")
+    p.add_argument("--data", type=_existing_file, default=None,
+                   help="UTF-8 text: its even paragraphs train, its odd ones are scored before and after "
+                        "(default: the embedded calibration / held-out halves)")
+    p.add_argument("--eval-samples", type=_positive_int, default=32,
+                   help="held-out blocks of 256 tokens (paragraphs for an encoder) scored before and after (default 32)")
     p.add_argument("--steps", type=_positive_int, default=50)
     p.add_argument("--lr", type=_positive_float, default=2e-4)
     p.add_argument("--batch-size", type=_positive_int, default=8)

@@ -109,7 +109,8 @@ class Evaluator:
     each held-out domain of :data:`data.HELDOUT_DOMAINS` unless ``paragraphs`` are given), embedding
     agreement (cosine, Spearman of pairwise similarities) for encoders."""
 
-    def __init__(self, base_model, tokenizer, paragraphs: Optional[List[str]], samples: int):
+    def __init__(self, base_model, tokenizer, paragraphs: Optional[List[str]], samples: int,
+                 what: str = "the evaluation text"):
         from .eval import perplexity, sentence_embeddings
 
         self.causal = data.is_causal_lm(base_model.config)
@@ -120,13 +121,13 @@ class Evaluator:
                       for d in data.HELDOUT_DOMAINS})
             self.inputs = {k: data.token_blocks(t, tokenizer, seq, samples) for k, t in texts.items()}
             if not all(self.inputs.values()):
-                raise CLIError("the evaluation text is too short for one block of tokens")
+                raise CLIError(f"{what} is too short for one block of {seq} tokens")
             self.base_score = {k: perplexity(base_model, b) for k, b in self.inputs.items()}
         else:
             self.inputs = data.sentence_batches(data.heldout_paragraphs() if paragraphs is None else paragraphs,
                                                 tokenizer, limit=samples)
             if not self.inputs:
-                raise CLIError("the evaluation text has no paragraphs")
+                raise CLIError(f"{what} has no paragraphs")
             self.reference = sentence_embeddings(base_model, self.inputs)
             self.base_score = {"cosine": 1.0, "spearman": 1.0}
 
@@ -366,9 +367,15 @@ def _base_model(args_base: Optional[str], qcfg: dict):
     return data.load_model(base)
 
 
-def _describe(qcfg: dict) -> str:
-    q, lora = qcfg.get("quant", {}), qcfg.get("lora", {})
-    return f"{q.get('bits', '?')}-bit {q.get('method', '?')}, init={lora.get('init', '?')}"
+def describe_checkpoint(record: dict) -> str:
+    """A checkpoint in a few words: "2-bit gptq, init=cloq", then ", fine-tuned N steps" when its
+    LoRA factors were trained since (the init alone no longer describes them)."""
+    desc = (f"{record.get('quant', {}).get('bits', '?')}-bit {record.get('quant', {}).get('method', '?')}, "
+            f"init={record.get('lora', {}).get('init', '?')}")
+    tuned = record.get("finetuned")
+    if isinstance(tuned, dict):
+        desc += f", fine-tuned {tuned.get('steps', '?')} steps"
+    return desc
 
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -395,7 +402,7 @@ def cmd_eval(args) -> int:
     tok = loaded[0][1] or base_tok
     ev = Evaluator(base, tok, None if args.data is None else _heldout(args.data), args.samples)
     scores = [ev.score(m) for m, _, _ in loaded]
-    names = [_describe(q) for _, _, q in loaded]
+    names = [describe_checkpoint(getattr(m, "cloq_config", None) or q) for m, _, q in loaded]
     if len(set(names)) < len(names):  # same settings: tell them apart by directory
         names = [f"{n} ({os.path.basename(os.path.normpath(p))})" for n, p in zip(names, paths)]
     keys = list(scores[0])
@@ -414,9 +421,9 @@ def cmd_eval(args) -> int:
             print(f"\n[{name}]\n{answers[name]}")
     if args.json:
         clean = [{k: (None if v != v else v) for k, v in s.items()} for s in scores]  # JSON has no NaN
-        out = {"checkpoints": paths, "scores": clean, "full_precision": ev.base_score, "answers": answers}
+        out = {"checkpoints": paths, "models": names, "scores": clean, "full_precision": ev.base_score, "answers": answers}
         if len(paths) == 1:  # the one-checkpoint layout of earlier versions
-            out.update(checkpoint=paths[0], score=clean[0])
+            out.update(checkpoint=paths[0], model=names[0], score=clean[0])
         print(json.dumps(out))
     return 0
 
@@ -495,15 +502,18 @@ def cmd_finetune(args) -> int:
     out = _check_out(out, args.overwrite, [args.checkpoint])
     # The result is the size of the checkpoint (+ its adapter): refuse now, not after training.
     check_free_space(out, 2 * os.path.getsize(os.path.join(args.checkpoint, WEIGHTS_NAME)))
+    train, heldout, what = _finetune_text(args.data)
     model, tok, qcfg = _load_checkpoint(args.checkpoint)
     base, base_tok = _base_model(None, qcfg)
     tok = tok or base_tok
-    ev = Evaluator(base, tok, data.heldout_paragraphs(), 128)
+    ev = Evaluator(base, tok, heldout, args.eval_samples, what=what)
     before = ev.score(model)
-    paras = data.read_text_file(args.data) if args.data else data.calibration_paragraphs()
-    losses = finetune(model, base, tok, paras, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+    losses = finetune(model, base, tok, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                       seq_len=args.seq_len, causal=ev.causal)
     after = ev.score(model)
+    tuned = model.cloq_config.get("finetuned") or {}
+    model.cloq_config["finetuned"] = {"steps": int(tuned.get("steps", 0)) + args.steps,
+                                      "data": os.path.abspath(args.data) if args.data else "embedded"}
     save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
     export_peft_adapter(model, os.path.join(out, "adapter"), overwrite=True)  # inside the --out just written
     m = ev.metric
@@ -514,6 +524,20 @@ def cmd_finetune(args) -> int:
     if args.json:
         print(json.dumps({"before": before, "after": after, "full_precision": ev.base_score, "losses": losses}))
     return 0
+
+
+def _finetune_text(path: Optional[str]):
+    """(training paragraphs, held-out paragraphs, how errors name the held-out text): --data's even
+    paragraphs train and its odd ones are scored (data.split_paragraphs), as the embedded text's halves."""
+    if not path:
+        return data.calibration_paragraphs(), data.heldout_paragraphs(), "the embedded held-out text"
+    paras = data.read_text_file(path)
+    train, heldout = data.split_paragraphs(paras)
+    if not heldout:
+        raise CLIError(f"--data {path}: its {len(paras)} paragraph(s) leave none to hold out for scoring (the odd "
+                       "paragraphs are scored, the even ones trained on): give at least 2 paragraphs separated by a "
+                       "blank line")
+    return train, heldout, f"the held-out (odd) paragraphs of --data {path}"
 
 
 HIGHER_IS_BETTER = {"perplexity": False, "cosine": True, "spearman": True}

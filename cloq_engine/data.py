@@ -69,8 +69,16 @@ def heldout_paragraphs() -> List[str]:
     """The odd paragraphs, less those whose text is also in the calibration half: pydoc's topics
     repeat passages (``specialnames`` holds ``attribute-access``, ``customization``, ...), and 191
     of the 988 odd paragraphs are exact copies of even ones, which would score seen text as unseen."""
-    seen = set(_paragraphs()[0::2])
-    return [p for p in _paragraphs()[1::2] if p not in seen]
+    return split_paragraphs(_paragraphs())[1]
+
+
+def split_paragraphs(paragraphs) -> Tuple[List[str], List[str]]:
+    """(training, held-out) halves of any text, as the embedded text is split: even paragraphs
+    train, odd ones are held out, less those whose text is also in the training half."""
+    paragraphs = list(paragraphs)
+    train = paragraphs[0::2]
+    seen = set(train)
+    return train, [p for p in paragraphs[1::2] if p not in seen]
 
 
 TOPIC_MIN_PARAGRAPHS = 10

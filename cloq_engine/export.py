@@ -202,12 +202,17 @@ def resolve_checkpoint_format(model: nn.Module, checkpoint_format: str = "auto")
     """"auto": v1 ("gptq", the widest-read layout) when every layer's zeros fit it, else "gptq_v2"."""
     if checkpoint_format != "auto":
         return checkpoint_format
-    misfits = [n for n, m in _quant_layers(model).items() if not gptq_format.fits_v1(m.quantized_weight)]
+    layers = _quant_layers(model)
+    misfits = [n for n, m in layers.items() if not gptq_format.fits_v1(m.quantized_weight)]
     if not misfits:
         return "gptq"
-    logger.warning("%d layer(s) (first: %s) have zero points of 0 or 2^bits+1, which GPTQ v1 cannot store "
-                   "(it keeps zero - 1); writing checkpoint_format='gptq_v2' (GPTQModel; vLLM reads v1 only)",
-                   len(misfits), misfits[0])
+    bits = layers[misfits[0]].bits
+    # Our asymmetric zeros lie in [0, 2^bits - 1]; v1 keeps zero - 1 in `bits` bits, i.e. zeros in
+    # [1, 2^bits]: what it cannot store is a zero of 0 (or a fractional zero, from an import).
+    logger.warning("%d layer(s) (first: %s) have a zero point of 0 (or a fractional one), which GPTQ v1 cannot "
+                   "store: it keeps zero - 1 in %d bits, so its zeros lie in [1, %d]; writing "
+                   "checkpoint_format='gptq_v2' (GPTQModel; vLLM reads v1 only)", len(misfits), misfits[0], bits,
+                   1 << bits)
     return "gptq_v2"
 
 
@@ -254,6 +259,9 @@ def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "auto",
                 json.dump(d, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)  # sampling defaults, eos/pad ids: a served model needs them
+        if gen is not None and hasattr(gen, "save_pretrained"):
+            gen.save_pretrained(tmp)
         export_peft_adapter(model, os.path.join(tmp, ADAPTER_DIR), base=target)  # the GPTQ base beside it
 
     lora_bytes = sum(m.lora_A.numel() * m.lora_A.element_size() + m.lora_B.numel() * m.lora_B.element_size()

@@ -105,6 +105,24 @@ def write_side_files(directory: str, model: nn.Module, config_dict: dict, tokeni
         tokenizer.save_pretrained(directory)
 
 
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def read_generation_config(model: nn.Module, directory: str) -> None:
+    """Give ``model`` the generation config saved in ``directory`` (the counterpart of
+    :func:`write_side_files`): a model built from its config gets one derived from it, which
+    forgets the sampling defaults and stop tokens the model was shipped with."""
+    file = os.path.join(directory, GENERATION_CONFIG_NAME)
+    if not os.path.isfile(file) or not hasattr(model, "generation_config"):
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a usable generation config ({e})") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -284,14 +302,16 @@ def _skeleton(path: str, dtype: Optional[torch.dtype]) -> Tuple[nn.Module, dict]
     build = auto.from_config if hasattr(auto, "from_config") else auto._from_config  # Auto class / model class
     with parameters_on_meta():
         model = build(config, dtype=dtype) if dtype is not None else build(config)
+    read_generation_config(model, path)
     swap_in_empty_layers(model, qc, lc, targets, dtype)
     for t in targets:  # a GPTQ act-order import carries an input permutation (None otherwise)
         if f"{t}.perm" in perms:
             model.get_submodule(t).perm = torch.empty(perms[f"{t}.perm"], dtype=torch.int64, device="meta")
     mark_trainable(model)
     model.cloq_config = {"quant": qc.to_dict(), "lora": lc.to_dict(), "targets": targets, "checkpoint": path}
-    if raw["quantization_config"].get("base_model"):
-        model.cloq_config["base_model"] = raw["quantization_config"]["base_model"]
+    for key in ("base_model", "finetuned"):
+        if raw["quantization_config"].get(key):
+            model.cloq_config[key] = raw["quantization_config"][key]
     attach_quantization_config(model)
     return model, raw
 

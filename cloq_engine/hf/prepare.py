@@ -21,6 +21,7 @@ from ..experts import use_cloq_experts
 from ..nn import QuantLoRALinear
 from . import experts as moe
 from .checks import guarded
+from .fit import fit_ranks, untie_heads, warn_tied_heads
 from .targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -335,7 +336,9 @@ def prepare_model(model: nn.Module, quant_config: QuantConfig, lora_config: LoRA
     if report not in REPORT_MODES:
         raise ValueError(f"`report` must be one of {REPORT_MODES}; got {report!r}")
     targets = find_targets(model, lora_config)
+    lora_config = fit_ranks(model, targets, lora_config)
     check_layers(model, targets, quant_config, lora_config)
+    warn_tied_heads(model, targets, quant_config, lora_config)
     expert_targets = moe.find_expert_targets(model, lora_config)
     moe.check_expert_targets(model, expert_targets, quant_config, lora_config)
     if expert_targets:
@@ -377,8 +380,10 @@ def prepare_model(model: nn.Module, quant_config: QuantConfig, lora_config: LoRA
 
 
 def finish(model: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig, targets: List[str]) -> None:
-    """Freeze all but LoRA and record the configuration on the model (and its HF config)."""
+    """Freeze all but LoRA, record a targeted tied head as untied, and record the configuration on
+    the model (and its HF config)."""
     mark_trainable(model)
+    untie_heads(model, targets)
     model.cloq_config = {"quant": quant_config.to_dict(), "lora": lora_config.to_dict(), "targets": targets}
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         from .quantizer import attach_quantization_config

@@ -39,6 +39,8 @@ def quantization_record(model: nn.Module) -> dict:
            "targets": list(record["targets"])}
     if record.get("base_model"):  # where the full-precision model lives, for `cloq eval`
         out["base_model"] = str(record["base_model"])
+    if isinstance(record.get("finetuned"), dict):  # what training the LoRA factors had since the init, for `cloq eval`
+        out["finetuned"] = dict(record["finetuned"])
     return out
 
 

@@ -37,7 +37,8 @@ from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
 from ..convert import mark_trainable, replace_modules
 from .output_dir import check_free_space, write_dir_atomically
-from .persistence import model_class_for, write_side_files
+from .fit import fit_ranks, warn_tied_heads
+from .persistence import model_class_for, read_generation_config, write_side_files
 from .record import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, empty_quant_layer, hf_config_dict, quantization_record,
                      same_view, state_nbytes, storage_key, superseded_weights, tensor_checksum)
 from ..experts import use_cloq_experts
@@ -264,11 +265,14 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     with init_empty_weights():  # parameters on meta, buffers (rotary inv_freq) computed for real
         model = build(config, dtype=dtype) if dtype is not None else build(config)
     model.eval()
+    read_generation_config(model, model_path)  # written with the checkpoint, as prepare_model's source has it
     dtype = dtype or next(model.parameters()).dtype
     reader = ShardReader(model_path)
 
     targets = find_targets(model, lora_config)
+    lora_config = fit_ranks(model, targets, lora_config)
     check_layers(model, targets, quant_config, lora_config)
+    warn_tied_heads(model, targets, quant_config, lora_config)
     expert_targets = moe.find_expert_targets(model, lora_config)
     moe.check_expert_targets(model, expert_targets, quant_config, lora_config)
     if expert_targets:
