@@ -38,7 +38,13 @@ _OPTION = {"bits": "--bits", "group_size": "--group-size", "quantizer": "--quant
 def quant_defaults(args) -> dict:
     """Fill in the quantization options the command line left out; returns those it gave."""
     given = {k: getattr(args, k) for k in QUANT_DEFAULTS if getattr(args, k, None) is not None}
-    for k, v in QUANT_DEFAULTS.items():
+    defaults = dict(QUANT_DEFAULTS)
+    if getattr(args, "grid", None):  # a llama.cpp lattice fixes the width, symmetry and group
+        from .quant.grids import GRIDS
+
+        grid = GRIDS[args.grid]
+        defaults.update(bits=grid.bits, group_size=32, sym=grid.sym)
+    for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     return given
@@ -52,7 +58,8 @@ def interrupted_note(args) -> str:
 
 
 def _quant_flags(args) -> dict:
-    return {"sym": bool(getattr(args, "sym", False)), "act_order": bool(getattr(args, "act_order", False))}
+    return {"sym": bool(getattr(args, "sym", False)), "act_order": bool(getattr(args, "act_order", False)),
+            "grid": getattr(args, "grid", None)}
 
 
 def _configs(args, init: str):

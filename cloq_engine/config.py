@@ -84,6 +84,10 @@ class QuantConfig:
             stored format does not change.
         block_size: GPTQ column block (lazy batch update width).
         mse_clip: RTN searches a shrink factor of the min-max range per group minimising error.
+        grid: None (our own: free float16 scale, integer zero) or a llama.cpp lattice, "q4_1",
+            "q4_k", "q3_k" or "q2_k" (``quant.grids``): RTN and GPTQ choose every group's scale and
+            zero on it, so that the weight is exactly that GGUF type; needs the grid's bits, sym,
+            group_size=32 and method "rtn" or "gptq".
     """
 
     bits: int = 4
@@ -94,6 +98,7 @@ class QuantConfig:
     act_order: bool = False
     block_size: int = 128
     mse_clip: bool = False
+    grid: Optional[str] = None
 
     def __post_init__(self):
         object.__setattr__(self, "method", _enum_field(QuantMethod, self.method, "method"))
@@ -109,6 +114,25 @@ class QuantConfig:
             raise ValueError(f"`block_size` must be a positive integer; got {self.block_size!r}")
         for name in ("sym", "act_order", "mse_clip"):
             _check_bool(self, name)
+        if self.grid is not None:
+            self._check_grid()
+
+    def _check_grid(self) -> None:
+        from .quant.grids import GRIDS  # the lattices live with the quantizers
+
+        grid = GRIDS.get(str(self.grid).lower()) if isinstance(self.grid, str) else None
+        if grid is None:
+            raise ValueError(f"`grid` must be None or one of {tuple(GRIDS)}; got {self.grid!r}")
+        object.__setattr__(self, "grid", grid.name)
+        need = {"bits": grid.bits, "sym": grid.sym, "group_size": 32}
+        wrong = {k: getattr(self, k) for k, v in need.items() if getattr(self, k) != v}
+        if wrong:
+            raise ValueError(f"grid={grid.name!r} needs " + ", ".join(f"{k}={need[k]!r}" for k in wrong)
+                             + "; got " + ", ".join(f"{k}={v!r}" for k, v in wrong.items()))
+        if self.method not in (QuantMethod.RTN, QuantMethod.GPTQ):
+            raise ValueError(f"grid={grid.name!r} needs method 'rtn' or 'gptq'; got {self.method.value!r}")
+        if self.mse_clip:
+            raise ValueError(f"grid={grid.name!r} chooses its own scales: mse_clip must be False")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

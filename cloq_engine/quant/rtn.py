@@ -66,16 +66,22 @@ def fit_group(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool):
 @register_quantizer(QuantMethod.RTN, needs_H=False)
 def quantize_rtn(W: torch.Tensor, config: QuantConfig, H=None) -> QuantizedWeight:
     """Round-to-nearest with per-group min-max (or symmetric) scales; W is (out, in); ``H`` unused."""
+    from .grids import grid_for
+
     n, k = W.shape
     g = k if config.group_size == -1 else config.group_size
     maxq = 2**config.bits - 1
     W = W.float()
+    grid = grid_for(config, k)
     codes = torch.empty_like(W)
     scales, zeros = [], []
+    state = None
     for j in range(0, k, g):
+        if grid.super_size > 1 and j % grid.super_size == 0:
+            state = grid.fit_super(W[:, j : j + grid.super_size])
         wg = W[:, j : j + g]
-        s, z = fit_group(wg, config.bits, config.sym, config.mse_clip)
-        codes[:, j : j + g] = quantize(wg, s, z, maxq)
+        s, z = grid.fit_group(wg, state)
+        codes[:, j : j + g] = grid.codes(wg, s, z, maxq)
         scales.append(s)
         zeros.append(z)
     return QuantizedWeight(
