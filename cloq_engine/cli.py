@@ -164,11 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a prepared checkpoint: GPTQ base + PEFT adapter, or merged dense")
     p.add_argument("checkpoint", type=_existing_dir)
-    p.add_argument("--format", choices=("gptq", "merged"), default="gptq")
+    p.add_argument("--format", choices=("gptq", "merged", "gguf"), default="gptq",
+                   help="gguf: one llama.cpp file, every quantized layer in its exact ggml type")
+    p.add_argument("--adapter", default=None, metavar="FILE.gguf",
+                   help="with --format gguf: also write the LoRA factors as a GGUF LoRA adapter (llama.cpp --lora)")
+    p.add_argument("--float-type", choices=("f16", "f32"), default="f16",
+                   help="with --format gguf: type of the tensors that are not quantized (default f16, as llama.cpp)")
     p.add_argument("--checkpoint-format", choices=("auto", "gptq", "gptq_v2"), default="auto",
                    help="GPTQ v1 (AutoGPTQ/vLLM, stores zero-1) or v2 (GPTQModel, exact zeros); "
                         "auto (default): v1 when the zeros fit it, else v2")
-    p.add_argument("--out", default=None, help="directory to write (default: <checkpoint>-<format>)")
+    p.add_argument("--out", default=None, help="directory to write (default: <checkpoint>-<format>); "
+                   "--format gguf: the file (default: <checkpoint>.gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous cloq export at --out")
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")

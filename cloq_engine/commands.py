@@ -277,18 +277,57 @@ def _prepare_streaming(args, model_path: str, t0: float) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    """``cloq export CHECKPOINT --format gptq|merged --out DIR [--checkpoint-format gptq|gptq_v2] [--overwrite]``."""
-    from .export import export_gptq, export_merged, is_cloq_export
+def _export_gptq(args, model, tok, out) -> None:
+    from .export import export_gptq
 
-    out = args.out or f"{args.checkpoint.rstrip('/')}-{args.format}"
-    _check_out(out, args.overwrite, [args.checkpoint], recognise=is_cloq_export, what="cloq export")
+    export_gptq(model, out, checkpoint_format=args.checkpoint_format, tokenizer=tok, overwrite=args.overwrite)
+
+
+def _export_merged(args, model, tok, out) -> None:
+    from .export import export_merged
+
+    export_merged(model, out, tokenizer=tok, overwrite=args.overwrite)
+
+
+def _export_gguf(args, model, tok, out) -> None:
+    from .llamacpp.gguf_file import export_gguf
+
+    types = export_gguf(model, out, adapter_file=args.adapter, tokenizer=tok, tokenizer_dir=args.checkpoint,
+                        float_type=args.float_type, overwrite=args.overwrite)
+    counts = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    print("tensors: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())))
+    if args.adapter:
+        print(f"wrote {args.adapter} (LoRA adapter)")
+
+
+# --format -> (writer, whether --out is a file)
+EXPORTERS = {"gptq": (_export_gptq, False), "merged": (_export_merged, False), "gguf": (_export_gguf, True)}
+
+
+def cmd_export(args) -> int:
+    """``cloq export CHECKPOINT --format gptq|merged|gguf --out DIR|FILE [--adapter FILE.gguf] [--overwrite]``."""
+    from .export import is_cloq_export
+
+    write, to_file = EXPORTERS[args.format]
+    if getattr(args, "adapter", None) and args.format != "gguf":
+        raise CLIError("--adapter is for --format gguf (the other formats write their adapter inside --out)")
+    if to_file:
+        from .llamacpp.gguf_file import check_target
+
+        out = args.out or f"{args.checkpoint.rstrip('/')}.{args.format}"
+        try:
+            for target in [out] + ([args.adapter] if args.adapter else []):
+                check_target(target, args.overwrite)
+        except ValueError as e:
+            raise CLIError(_cli_words(str(e))) from None
+    else:
+        out = args.out or f"{args.checkpoint.rstrip('/')}-{args.format}"
+        _check_out(out, args.overwrite, [args.checkpoint], recognise=is_cloq_export, what="cloq export")
     model, tok, _ = _load_checkpoint(args.checkpoint)
     try:
-        if args.format == "gptq":
-            export_gptq(model, out, checkpoint_format=args.checkpoint_format, tokenizer=tok, overwrite=args.overwrite)
-        else:
-            export_merged(model, out, tokenizer=tok, overwrite=args.overwrite)
+        write(args, model, tok, out)
     except ValueError as e:
         raise CLIError(_cli_words(str(e))) from None
     print(f"wrote {out} ({args.format})")

@@ -147,7 +147,8 @@ def _kquant_min_group(maxq: int, sc_max: int, m_max: int, radius: int = 2):
         sc0 = torch.round((xmax - xmin) / maxq / d)
         sc = (sc0.unsqueeze(0) + offsets.view(-1, 1).to(w.device)).clamp(1, sc_max)  # [C, N]
         step = _odd_part(sc).float()  # m must be a multiple of sc's odd part (d, dmin powers of two)
-        m_lo = torch.floor(-xmin / dmin / step) * step
+        # GPTQ's error feedback can push a group past the super-block's range: clamp to the lattice
+        m_lo = torch.floor((-xmin / dmin).clamp(max=m_max) / step) * step
         sc = torch.cat([sc, sc])
         m = torch.cat([m_lo, m_lo + step.float()]).clamp(max=m_max)
         m = torch.where(m % torch.cat([step, step]) == 0, m, m_lo.repeat(2, 1))  # clamped off the lattice

@@ -97,3 +97,17 @@ def test_grid_config_errors_name_the_field(kwargs, msg):
 def test_grid_round_trips_through_the_config_dict():
     qc = ce.QuantConfig(bits=2, group_size=32, grid="Q2_K")
     assert qc.grid == "q2_k" and ce.QuantConfig.from_dict(qc.to_dict()) == qc
+
+
+def test_a_group_past_its_super_blocks_range_still_lands_on_the_lattice():
+    """GPTQ's error feedback can move a group beyond the (d, dmin) fitted at its super-block's start
+    (caught by the GGUF export of a tiny Llama): the fit clamps (sc, m) to the lattice."""
+    g = torch.Generator().manual_seed(0)
+    for shift in torch.linspace(0.0, 0.3, 16).tolist():  # min-max fits landing on every sub-block scale
+        w = torch.randn(64, 32, generator=g) * (1 + 3 * torch.rand(64, 1, generator=g)) + shift
+        d = torch.full((64,), 2.0**-2)
+        dmin = torch.full((64,), 2.0**-7)  # far too small for these mins: -xmin / dmin > 15
+        scale, zero = grids.GRIDS["q2_k"].fit_group(w, (d, dmin))
+        sc, m = scale.double() / d.double(), scale.double() * zero.double() / dmin.double()
+        assert bool(((sc == sc.round()) & (sc >= 1) & (sc <= 15)).all())
+        assert bool(((m == m.round()) & (m >= 0) & (m <= 15)).all())
