@@ -40,10 +40,10 @@ def quant_defaults(args) -> dict:
     given = {k: getattr(args, k) for k in QUANT_DEFAULTS if getattr(args, k, None) is not None}
     defaults = dict(QUANT_DEFAULTS)
     if getattr(args, "grid", None):  # a llama.cpp lattice fixes the width, symmetry and group
-        from .quant.grids import GRIDS
+        from .config import GRID_LATTICES
 
-        grid = GRIDS[args.grid]
-        defaults.update(bits=grid.bits, group_size=32, sym=grid.sym)
+        bits, sym = GRID_LATTICES[args.grid]
+        defaults.update(bits=bits, group_size=32, sym=sym)
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)

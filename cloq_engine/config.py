@@ -33,6 +33,8 @@ class SVDSolver(str, enum.Enum):
 
 
 SUPPORTED_BITS = (2, 3, 4)
+# llama.cpp lattices (quant.grids): name -> (bits, symmetric); every one stores groups of 32
+GRID_LATTICES = {"q4_1": (4, False), "q4_k": (4, False), "q3_k": (3, True), "q2_k": (2, False)}
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 
 
@@ -118,21 +120,20 @@ class QuantConfig:
             self._check_grid()
 
     def _check_grid(self) -> None:
-        from .quant.grids import GRIDS  # the lattices live with the quantizers
-
-        grid = GRIDS.get(str(self.grid).lower()) if isinstance(self.grid, str) else None
-        if grid is None:
-            raise ValueError(f"`grid` must be None or one of {tuple(GRIDS)}; got {self.grid!r}")
-        object.__setattr__(self, "grid", grid.name)
-        need = {"bits": grid.bits, "sym": grid.sym, "group_size": 32}
+        name = str(self.grid).lower() if isinstance(self.grid, str) else None
+        if name not in GRID_LATTICES:
+            raise ValueError(f"`grid` must be None or one of {tuple(GRID_LATTICES)}; got {self.grid!r}")
+        object.__setattr__(self, "grid", name)
+        bits, sym = GRID_LATTICES[name]
+        need = {"bits": bits, "sym": sym, "group_size": 32}
         wrong = {k: getattr(self, k) for k, v in need.items() if getattr(self, k) != v}
         if wrong:
-            raise ValueError(f"grid={grid.name!r} needs " + ", ".join(f"{k}={need[k]!r}" for k in wrong)
+            raise ValueError(f"grid={name!r} needs " + ", ".join(f"{k}={need[k]!r}" for k in wrong)
                              + "; got " + ", ".join(f"{k}={v!r}" for k, v in wrong.items()))
         if self.method not in (QuantMethod.RTN, QuantMethod.GPTQ):
-            raise ValueError(f"grid={grid.name!r} needs method 'rtn' or 'gptq'; got {self.method.value!r}")
+            raise ValueError(f"grid={name!r} needs method 'rtn' or 'gptq'; got {self.method.value!r}")
         if self.mse_clip:
-            raise ValueError(f"grid={grid.name!r} chooses its own scales: mse_clip must be False")
+            raise ValueError(f"grid={name!r} chooses its own scales: mse_clip must be False")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

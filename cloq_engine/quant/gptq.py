@@ -31,7 +31,7 @@ from ..config import QuantConfig, QuantMethod
 from ..formats import QuantizedWeight, pack_codes
 from .registry import register_quantizer
 from .grids import grid_for
-from .rtn import dequantize
+from .groups import dequantize
 
 _MAX_REL_DAMP = 10.0  # never damp by more than 10·mean(diag H)
 

@@ -1,6 +1,6 @@
 """Scale lattices: where RTN and GPTQ may put a group's (scale, zero).
 
-Our own grid fits each group's float16 scale and integer zero freely (:func:`rtn.fit_group`).
+Our own grid fits each group's float16 scale and integer zero freely (:func:`groups.fit_group`).
 The llama.cpp grids constrain them so that the stored weight is *exactly* one of ggml's block
 types, with our storage and kernels unchanged: a group still dequantizes as ``(q - z) · s`` with
 ``s`` and ``z`` float16, ``q`` the unsigned code; only the values ``s`` and ``z`` may take change.
@@ -36,7 +36,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from . import rtn
+from ..config import GRID_LATTICES
+from . import groups  # the per-group primitives (find_params, fit_group, quantize)
 
 SUPER_BLOCK = 256  # ggml's QK_K
 GROUP = 32  # the group size every llama.cpp grid stores
@@ -94,16 +95,16 @@ class Grid:
     fit_super: Callable
     fit_group: Callable
     fallback: Optional[str] = None  # grid for a layer whose in_features is not a multiple of super_size
-    codes: Callable = round_codes  # (w, scale, zero, maxq) -> codes; ours keeps rtn.quantize's integer-zero rounding
+    codes: Callable = round_codes  # (w, scale, zero, maxq) -> codes; ours keeps groups.quantize's integer-zero rounding
 
 
 def _own_fit_group(bits, sym, mse_clip):
-    return lambda w, state: rtn.fit_group(w, bits, sym, mse_clip)
+    return lambda w, state: groups.fit_group(w, bits, sym, mse_clip)
 
 
 def own_grid(bits: int, sym: bool, mse_clip: bool = False) -> Grid:
     """Our grid: float16 scale and integer zero per group, fitted freely."""
-    return Grid("own", bits, sym, None, 1, lambda w: None, _own_fit_group(bits, sym, mse_clip), codes=rtn.quantize)
+    return Grid("own", bits, sym, None, 1, lambda w: None, _own_fit_group(bits, sym, mse_clip), codes=groups.quantize)
 
 
 # ---- Q4_1 ---------------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def _q4_1_group(w: torch.Tensor, state) -> tuple:
     ``s·z`` (the min) a float16: 11 significant bits less the bits of z's odd part."""
     w = w.float()
     xmin = torch.clamp(w.min(dim=1).values, max=0)
-    scale, zero = rtn.find_params(w, 4, sym=False)
+    scale, zero = groups.find_params(w, 4, sym=False)
     for _ in range(3):  # z's odd part fixes the bits of s, s fixes z: settles in a step or two
         width = torch.floor(torch.log2(_odd_part(zero).double())).float() + 1
         scale = _ceil_bits(scale, 11 - width.to(torch.int64)).half().float()
@@ -188,6 +189,8 @@ GRIDS: Dict[str, Grid] = {}
 
 
 def register_grid(grid: Grid) -> Grid:
+    if GRID_LATTICES.get(grid.name) != (grid.bits, grid.sym):
+        raise ValueError(f"grid {grid.name!r} must be listed in config.GRID_LATTICES as {(grid.bits, grid.sym)}")
     if grid.name in GRIDS:
         raise ValueError(f"grid {grid.name!r} is already registered")
     GRIDS[grid.name] = grid
