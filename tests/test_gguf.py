@@ -1,5 +1,6 @@
 """GGUF export checked by code nobody here wrote: gguf-py's reader and numpy dequantizers, and
 transformers' GGUF loader (``from_pretrained(dir, gguf_file=...)``)."""
+import functools
 import os
 
 import numpy as np
@@ -44,9 +45,13 @@ def _layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
 
 
-def _gguf_name(arch, hf):
-    m = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), 2)
-    return m.get_name(hf + ".weight", try_suffixes=(".weight",))
+@functools.lru_cache(maxsize=None)
+def _name_map(arch, n_blocks):
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_blocks)
+
+
+def _gguf_name(arch, hf, n_blocks=2):
+    return _name_map(arch, n_blocks).get_name(hf + ".weight", try_suffixes=(".weight",))
 
 
 def _unpermute(arch, name, rows, model):
@@ -211,21 +216,19 @@ def test_real_smollm2_exports_exactly_with_its_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     from cloq_engine import data
+    from cloq_engine.models import resolve
 
     model, tok = data.load_model("smollm2")
     ce.prepare_model(model, ce.QuantConfig(bits=2, group_size=32, method="rtn", grid="q2_k"),
                      ce.LoRAConfig(rank=4, init="zero"))
-    src = data.resolve_model_path("smollm2") if hasattr(data, "resolve_model_path") else None
-    from cloq_engine.models import resolve
-
-    src = resolve("smollm2")
+    src = resolve("smollm2")  # its HF directory: tokenizer.json, tokenizer_config.json
     types = export_gguf(model, str(tmp_path / "m.gguf"), tokenizer=tok, tokenizer_dir=src)
     assert types["blk.0.ffn_down.weight"] == "Q2_K" and types["blk.0.attn_q.weight"] == "Q4_0"  # 576 % 256 != 0
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     tensors = {t.name: t for t in reader.tensors}
     for hf, layer in _layers(model).items():
-        name = _gguf_name("llama", hf)
+        name = _gguf_name("llama", hf, model.config.num_hidden_layers)
         t = tensors[name]
         theirs = gguf.quants.dequantize(t.data, t.tensor_type)
         inv = _unpermute("llama", name, theirs.shape[0], model)
