@@ -88,6 +88,9 @@ def _add_quant_args(p: argparse.ArgumentParser, bits_multi: bool = False) -> Non
     p.add_argument("--sym", action="store_true", default=None,
                    help="symmetric quantization (zero at the middle code; exportable as GPTQ v1 at any width)")
     p.add_argument("--act-order", action="store_true", help="GPTQ in decreasing diag(H) order (desc_act)")
+    p.add_argument("--grid", choices=("q4_1", "q4_k", "q3_k", "q2_k"), default=None,  # config.GRID_LATTICES
+                   help="quantize on llama.cpp's lattice of that GGUF type, so `cloq export --format gguf` writes it "
+                        "exactly (sets --bits, --sym and --group-size 32 unless given)")
     p.add_argument("--rank", type=_positive_int, default=16)
     p.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--calib", type=_existing_file, default=None,
@@ -170,11 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a prepared checkpoint: GPTQ base + PEFT adapter, or merged dense")
     p.add_argument("checkpoint", type=_existing_dir)
-    p.add_argument("--format", choices=("gptq", "merged"), default="gptq")
+    p.add_argument("--format", choices=("gptq", "merged", "gguf"), default="gptq",
+                   help="gguf: one llama.cpp file, every quantized layer in its exact ggml type")
+    p.add_argument("--adapter", default=None, metavar="FILE.gguf",
+                   help="with --format gguf: also write the LoRA factors as a GGUF LoRA adapter (llama.cpp --lora)")
+    p.add_argument("--float-type", choices=("f16", "f32"), default="f16",
+                   help="with --format gguf: type of the tensors that are not quantized (default f16, as llama.cpp)")
     p.add_argument("--checkpoint-format", choices=("auto", "gptq", "gptq_v2"), default="auto",
                    help="GPTQ v1 (AutoGPTQ/vLLM, stores zero-1) or v2 (GPTQModel, exact zeros); "
                         "auto (default): v1 when the zeros fit it, else v2")
-    p.add_argument("--out", default=None, help="directory to write (default: <checkpoint>-<format>)")
+    p.add_argument("--out", default=None, help="directory to write (default: <checkpoint>-<format>); "
+                   "--format gguf: the file (default: <checkpoint>.gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous cloq export at --out")
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")

@@ -38,7 +38,13 @@ _OPTION = {"bits": "--bits", "group_size": "--group-size", "quantizer": "--quant
 def quant_defaults(args) -> dict:
     """Fill in the quantization options the command line left out; returns those it gave."""
     given = {k: getattr(args, k) for k in QUANT_DEFAULTS if getattr(args, k, None) is not None}
-    for k, v in QUANT_DEFAULTS.items():
+    defaults = dict(QUANT_DEFAULTS)
+    if getattr(args, "grid", None):  # a llama.cpp lattice fixes the width, symmetry and group
+        from .config import GRID_LATTICES
+
+        bits, sym = GRID_LATTICES[args.grid]
+        defaults.update(bits=bits, group_size=32, sym=sym)
+    for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     return given
@@ -52,7 +58,8 @@ def interrupted_note(args) -> str:
 
 
 def _quant_flags(args) -> dict:
-    return {"sym": bool(getattr(args, "sym", False)), "act_order": bool(getattr(args, "act_order", False))}
+    return {"sym": bool(getattr(args, "sym", False)), "act_order": bool(getattr(args, "act_order", False)),
+            "grid": getattr(args, "grid", None)}
 
 
 def _configs(args, init: str):
@@ -276,18 +283,57 @@ def _prepare_streaming(args, model_path: str, t0: float) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    """``cloq export CHECKPOINT --format gptq|merged --out DIR [--checkpoint-format gptq|gptq_v2] [--overwrite]``."""
-    from .export import export_gptq, export_merged, is_cloq_export
+def _export_gptq(args, model, tok, out) -> None:
+    from .export import export_gptq
 
-    out = args.out or f"{args.checkpoint.rstrip('/')}-{args.format}"
-    _check_out(out, args.overwrite, [args.checkpoint], recognise=is_cloq_export, what="cloq export")
+    export_gptq(model, out, checkpoint_format=args.checkpoint_format, tokenizer=tok, overwrite=args.overwrite)
+
+
+def _export_merged(args, model, tok, out) -> None:
+    from .export import export_merged
+
+    export_merged(model, out, tokenizer=tok, overwrite=args.overwrite)
+
+
+def _export_gguf(args, model, tok, out) -> None:
+    from .llamacpp.gguf_file import export_gguf
+
+    types = export_gguf(model, out, adapter_file=args.adapter, tokenizer=tok, tokenizer_dir=args.checkpoint,
+                        float_type=args.float_type, overwrite=args.overwrite)
+    counts = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    print("tensors: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())))
+    if args.adapter:
+        print(f"wrote {args.adapter} (LoRA adapter)")
+
+
+# --format -> (writer, whether --out is a file)
+EXPORTERS = {"gptq": (_export_gptq, False), "merged": (_export_merged, False), "gguf": (_export_gguf, True)}
+
+
+def cmd_export(args) -> int:
+    """``cloq export CHECKPOINT --format gptq|merged|gguf --out DIR|FILE [--adapter FILE.gguf] [--overwrite]``."""
+    from .export import is_cloq_export
+
+    write, to_file = EXPORTERS[args.format]
+    if getattr(args, "adapter", None) and args.format != "gguf":
+        raise CLIError("--adapter is for --format gguf (the other formats write their adapter inside --out)")
+    if to_file:
+        from .llamacpp.gguf_file import check_target
+
+        out = args.out or f"{args.checkpoint.rstrip('/')}.{args.format}"
+        try:
+            for target in [out] + ([args.adapter] if args.adapter else []):
+                check_target(target, args.overwrite)
+        except ValueError as e:
+            raise CLIError(_cli_words(str(e))) from None
+    else:
+        out = args.out or f"{args.checkpoint.rstrip('/')}-{args.format}"
+        _check_out(out, args.overwrite, [args.checkpoint], recognise=is_cloq_export, what="cloq export")
     model, tok, _ = _load_checkpoint(args.checkpoint)
     try:
-        if args.format == "gptq":
-            export_gptq(model, out, checkpoint_format=args.checkpoint_format, tokenizer=tok, overwrite=args.overwrite)
-        else:
-            export_merged(model, out, tokenizer=tok, overwrite=args.overwrite)
+        write(args, model, tok, out)
     except ValueError as e:
         raise CLIError(_cli_words(str(e))) from None
     print(f"wrote {out} ({args.format})")

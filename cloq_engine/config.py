@@ -33,6 +33,8 @@ class SVDSolver(str, enum.Enum):
 
 
 SUPPORTED_BITS = (2, 3, 4)
+# llama.cpp lattices (quant.grids): name -> (bits, symmetric); every one stores groups of 32
+GRID_LATTICES = {"q4_1": (4, False), "q4_k": (4, False), "q3_k": (3, True), "q2_k": (2, False)}
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 
 
@@ -84,6 +86,10 @@ class QuantConfig:
             stored format does not change.
         block_size: GPTQ column block (lazy batch update width).
         mse_clip: RTN searches a shrink factor of the min-max range per group minimising error.
+        grid: None (our own: free float16 scale, integer zero) or a llama.cpp lattice, "q4_1",
+            "q4_k", "q3_k" or "q2_k" (``quant.grids``): RTN and GPTQ choose every group's scale and
+            zero on it, so that the weight is exactly that GGUF type; needs the grid's bits, sym,
+            group_size=32 and method "rtn" or "gptq".
     """
 
     bits: int = 4
@@ -94,6 +100,7 @@ class QuantConfig:
     act_order: bool = False
     block_size: int = 128
     mse_clip: bool = False
+    grid: Optional[str] = None
 
     def __post_init__(self):
         object.__setattr__(self, "method", _enum_field(QuantMethod, self.method, "method"))
@@ -109,6 +116,24 @@ class QuantConfig:
             raise ValueError(f"`block_size` must be a positive integer; got {self.block_size!r}")
         for name in ("sym", "act_order", "mse_clip"):
             _check_bool(self, name)
+        if self.grid is not None:
+            self._check_grid()
+
+    def _check_grid(self) -> None:
+        name = str(self.grid).lower() if isinstance(self.grid, str) else None
+        if name not in GRID_LATTICES:
+            raise ValueError(f"`grid` must be None or one of {tuple(GRID_LATTICES)}; got {self.grid!r}")
+        object.__setattr__(self, "grid", name)
+        bits, sym = GRID_LATTICES[name]
+        need = {"bits": bits, "sym": sym, "group_size": 32}
+        wrong = {k: getattr(self, k) for k, v in need.items() if getattr(self, k) != v}
+        if wrong:
+            raise ValueError(f"grid={name!r} needs " + ", ".join(f"{k}={need[k]!r}" for k in wrong)
+                             + "; got " + ", ".join(f"{k}={v!r}" for k, v in wrong.items()))
+        if self.method not in (QuantMethod.RTN, QuantMethod.GPTQ):
+            raise ValueError(f"grid={name!r} needs method 'rtn' or 'gptq'; got {self.method.value!r}")
+        if self.mse_clip:
+            raise ValueError(f"grid={name!r} chooses its own scales: mse_clip must be False")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

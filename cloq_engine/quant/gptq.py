@@ -12,6 +12,10 @@ all columns at the start. With ``act_order`` columns are processed by decreasing
 groups are *static* (fitted on the original column order before the loop, GPTQ's
 ``static_groups``), so the packed format is the same as without act-order (no ``g_idx``).
 
+Grids. ``config.grid`` puts each group's (scale, zero) on a llama.cpp lattice (:mod:`.grids`):
+a super-block's shared scales (ggml's d, dmin) are fitted when its first column is reached, on
+the current columns as a group's are, then each group on that lattice.
+
 Everything is computed in float32 on W's device; scales are rounded to float16 inside
 ``find_params`` before codes are chosen, so ``QuantizedWeight.dequantize()`` is exactly the ``Q``
 GPTQ decided.
@@ -26,7 +30,8 @@ from .. import linalg
 from ..config import QuantConfig, QuantMethod
 from ..formats import QuantizedWeight, pack_codes
 from .registry import register_quantizer
-from .rtn import dequantize, fit_group, quantize
+from .grids import grid_for
+from .groups import dequantize
 
 _MAX_REL_DAMP = 10.0  # never damp by more than 10·mean(diag H)
 
@@ -76,12 +81,17 @@ def quantize_gptq(W: torch.Tensor, config: QuantConfig, H: torch.Tensor) -> Quan
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    grid = grid_for(config, k)  # our own lattice, or a llama.cpp one (quant.grids)
+    sup = grid.super_size
     scale = torch.zeros(k // g, n, device=W.device)
     zero = torch.zeros(k // g, n, device=W.device)
     static_groups = config.act_order or config.group_size == -1
+    state = None
     if static_groups:
         for gi in range(k // g):
-            scale[gi], zero[gi] = fit_group(W[:, gi * g : (gi + 1) * g], config.bits, config.sym, config.mse_clip)
+            if sup > 1 and (gi * g) % sup == 0:
+                state = grid.fit_super(W[:, gi * g : gi * g + sup])
+            scale[gi], zero[gi] = grid.fit_group(W[:, gi * g : (gi + 1) * g], state)
 
     perm = torch.arange(k, device=W.device)
     if config.act_order:
@@ -107,13 +117,15 @@ def quantize_gptq(W: torch.Tensor, config: QuantConfig, H: torch.Tensor) -> Quan
             for i in range(i2 - i1):
                 col = i1 + i
                 gi = group_of[col]
+                if not static_groups and sup > 1 and col % sup == 0:  # a super-block's d, dmin
+                    state = grid.fit_super(_pending(W, W1, Err1, Hinv, i1, i, i2, col + sup))
                 if not static_groups and col % g == 0:
                     cur = _pending(W, W1, Err1, Hinv, i1, i, i2, col + g)
-                    scale[gi], zero[gi] = fit_group(cur, config.bits, config.sym, config.mse_clip)
+                    scale[gi], zero[gi] = grid.fit_group(cur, state)
 
                 w = W1[:, i]
                 d = Hinv1[i, i]
-                q = quantize(w, scale[gi], zero[gi], maxq)
+                q = grid.codes(w, scale[gi], zero[gi], maxq)
                 codes[col] = q
                 Q1[:, i] = dequantize(q, scale[gi], zero[gi])
                 err1 = (w - Q1[:, i]) / d

@@ -1,8 +1,7 @@
-"""Round-to-nearest quantization and the per-group primitives GPTQ shares.
+"""Round-to-nearest quantization, on our own grid or a llama.cpp one (:mod:`.grids`).
 
-``find_params`` fits (scale, zero) to a block of columns; ``quantize`` maps values to integer codes.
-Both are pure functions. Scales are rounded to float16 before codes are chosen, so the stored
-format reproduces exactly what the quantizer decided.
+The per-group primitives (``find_params``, ``quantize``, ``dequantize``, ``fit_group``) live in
+:mod:`.groups` and are re-exported here, where GPTQ and the tests have always found them.
 """
 from __future__ import annotations
 
@@ -10,58 +9,9 @@ import torch
 
 from ..config import QuantConfig, QuantMethod
 from ..formats import QuantizedWeight, pack_codes
+from .grids import grid_for
+from .groups import _MIN_SCALE, dequantize, find_params, fit_group, quantize  # noqa: F401  (re-exported)
 from .registry import register_quantizer
-
-_MIN_SCALE = 2.0**-24  # smallest positive float16 (subnormal)
-
-
-def find_params(w: torch.Tensor, bits: int, sym: bool, shrink: float | torch.Tensor = 1.0):
-    """Per-row (scale, zero) for ``w`` of shape [N, g], both float32 [N]; zero in code units.
-
-    The range always includes 0 (as GPTQ's quantizer does) so that exact zeros stay representable.
-    ``shrink`` (scalar or [N]) scales the min-max range down for clip search.
-    """
-    maxq = 2**bits - 1
-    w = w.float()
-    xmin = torch.clamp(w.min(dim=1).values, max=0) * shrink
-    xmax = torch.clamp(w.max(dim=1).values, min=0) * shrink
-    if sym:
-        amax = torch.maximum(-xmin, xmax)
-        scale = 2 * amax / maxq
-        scale = scale.clamp(min=_MIN_SCALE).half().float()
-        zero = torch.full_like(scale, (maxq + 1) / 2)
-    else:
-        scale = ((xmax - xmin) / maxq).clamp(min=_MIN_SCALE).half().float()
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
-    return scale, zero
-
-
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (float tensor of whole numbers) of ``w`` [N, ...] with per-row scale/zero [N]."""
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    return torch.clamp(torch.round(w / scale.view(shape)) + zero.view(shape), 0, maxq)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    shape = (-1,) + (1,) * (q.dim() - 1)
-    return (q - zero.view(shape)) * scale.view(shape)
-
-
-def fit_group(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool):
-    """(scale, zero) for one group [N, g], float32 [N] each; with ``mse_clip`` the shrink of the
-    min-max range (1.0 included) that minimises each row's squared weight error."""
-    scale, zero = find_params(w, bits, sym)
-    if not mse_clip:
-        return scale, zero
-    maxq = 2**bits - 1
-    best = ((dequantize(quantize(w, scale, zero, maxq), scale, zero) - w) ** 2).sum(dim=1)
-    for p in torch.linspace(0.95, 0.5, 10).tolist():
-        s, z = find_params(w, bits, sym, shrink=p)
-        err = ((dequantize(quantize(w, s, z, maxq), s, z) - w) ** 2).sum(dim=1)
-        better = err < best
-        scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.minimum(err, best)
-    return scale, zero
-
 
 @register_quantizer(QuantMethod.RTN, needs_H=False)
 def quantize_rtn(W: torch.Tensor, config: QuantConfig, H=None) -> QuantizedWeight:
@@ -70,12 +20,16 @@ def quantize_rtn(W: torch.Tensor, config: QuantConfig, H=None) -> QuantizedWeigh
     g = k if config.group_size == -1 else config.group_size
     maxq = 2**config.bits - 1
     W = W.float()
+    grid = grid_for(config, k)
     codes = torch.empty_like(W)
     scales, zeros = [], []
+    state = None
     for j in range(0, k, g):
+        if grid.super_size > 1 and j % grid.super_size == 0:
+            state = grid.fit_super(W[:, j : j + grid.super_size])
         wg = W[:, j : j + g]
-        s, z = fit_group(wg, config.bits, config.sym, config.mse_clip)
-        codes[:, j : j + g] = quantize(wg, s, z, maxq)
+        s, z = grid.fit_group(wg, state)
+        codes[:, j : j + g] = grid.codes(wg, s, z, maxq)
         scales.append(s)
         zeros.append(z)
     return QuantizedWeight(
