@@ -28,7 +28,8 @@ from ..nn import QUANT_BUFFERS
 from .output_dir import check_output_dir, recover_interrupted, write_dir_atomically
 from .quantizer import attach_quantization_config
 from .record import (ALIASES_KEY, CONFIG_NAME, FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME,  # noqa: F401 (re-exported)
-                     deduplicated_state_dict, empty_quant_layer, hf_config_dict, parse_record, quantization_record,
+                     add_perm_buffers, check_quantized_tensors, check_targets_quantized, checkpoint_shapes,
+                     deduplicated_state_dict, empty_quant_layer, hf_config_dict, parse_record, quantization_record, read_aliases,
                      same_view, state_nbytes, storage_key, superseded_weights, swap_in_empty_layers, tensor_checksum,
                      tie_aliases, verify_checksums)
 
@@ -75,6 +76,7 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite:
     if os.path.isfile(os.fspath(save_directory)):
         raise ValueError(f"`save_directory` {os.fspath(save_directory)!r} exists and is not a directory")
     record = quantization_record(model)
+    check_targets_quantized(model, record["targets"])
     target = check_output_dir(save_directory, overwrite=overwrite, inputs=protected_inputs(model))
     state, aliases = deduplicated_state_dict(model)
     record = {**record, "format_version": FORMAT_VERSION,
@@ -260,7 +262,6 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
 def _skeleton(path: str, dtype: Optional[torch.dtype]) -> Tuple[nn.Module, dict]:
     """Checkpoint ``path``'s model with every parameter on ``meta`` (buffers computed for real), its
     targets empty QuantLoRALinear layers, frozen but for LoRA, ``cloq_config`` set; and the raw config."""
-    from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig
 
     raw = read_config(path)
@@ -275,19 +276,15 @@ def _skeleton(path: str, dtype: Optional[torch.dtype]) -> Tuple[nn.Module, dict]
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{cfg_file}: not a usable transformers config ({e})") from None
-    try:
-        with safe_open(weights, framework="pt") as f:  # names and shapes only
-            perms = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith(".perm")}
-    except SafetensorError as e:
-        raise ValueError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
+    shapes = checkpoint_shapes([weights])  # names and shapes only
     auto = model_class_for(config)
     build = auto.from_config if hasattr(auto, "from_config") else auto._from_config  # Auto class / model class
     with parameters_on_meta():
         model = build(config, dtype=dtype) if dtype is not None else build(config)
     swap_in_empty_layers(model, qc, lc, targets, dtype)
-    for t in targets:  # a GPTQ act-order import carries an input permutation (None otherwise)
-        if f"{t}.perm" in perms:
-            model.get_submodule(t).perm = torch.empty(perms[f"{t}.perm"], dtype=torch.int64, device="meta")
+    add_perm_buffers(model, targets, shapes)
+    check_quantized_tensors(model, targets, set(shapes) | set(read_aliases([weights])) | set(_declared_ties(model, shapes)),
+                            weights)
     mark_trainable(model)
     model.cloq_config = {"quant": qc.to_dict(), "lora": lc.to_dict(), "targets": targets, "checkpoint": path}
     if raw["quantization_config"].get("base_model"):
