@@ -110,6 +110,14 @@ def _forget_quantization(model: nn.Module) -> None:
             config._is_quantized = False
 
 
+def dense_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter that is not a LoRA factor (its embeddings)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and "lora_" not in name.rpartition(".")[2]:
+            return p.dtype
+    return torch.float32
+
+
 def _densify(model: nn.Module, merge: bool, dtype: Optional[torch.dtype]) -> nn.Module:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"`dtype` must be a floating-point torch.dtype; got {dtype!r}")
@@ -121,13 +129,13 @@ def _densify(model: nn.Module, merge: bool, dtype: Optional[torch.dtype]) -> nn.
     new = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            target_dtype = dtype or layer.lora_A.dtype
+            target_dtype = dtype or layer.base_dtype  # as PEFT merges: into the base weight's dtype
             w = layer.merged_weight() if merge else layer.quantized_weight.dequantize()
             new[name] = dense_layer(layer, w.to(target_dtype), name in conv1d)
             if new[name].bias is not None:
                 new[name].bias.data = new[name].bias.data.to(target_dtype)
     replace_modules(model, new)
-    densify_experts(model, merge, dtype)  # packed expert projections back to 3-D parameters
+    densify_experts(model, merge, dtype or dense_dtype(model))  # packed expert projections back to 3-D parameters
     _forget_quantization(model)
     return model
 
@@ -137,7 +145,7 @@ def dequantized_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
 
     This is the base a PEFT adapter exported by :func:`export_peft_adapter` applies to: PEFT's
     LoRA on top of it computes what the quantized model computes. ``dtype`` defaults to each
-    layer's LoRA dtype. The input model is left unchanged.
+    layer's base dtype (that of the dense layer it replaced). The input model is left unchanged.
     """
     check_unwrapped(model, "dequantized_base")  # before copying a wrapper for nothing
     return _densify(copy.deepcopy(model), merge=False, dtype=dtype)
@@ -149,6 +157,7 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     Like PEFT's ``merge_and_unload``: the model itself is modified and returned, its parameters keep
     their (frozen) ``requires_grad``, and the cloq quantization record is removed from the model and
     its config, so ``model.save_pretrained`` writes a plain dense checkpoint. ``dtype`` defaults to
-    each layer's LoRA dtype.
+    each layer's base dtype (that of the dense layer it replaced), as PEFT merges into the base
+    weight's dtype.
     """
     return _densify(model, merge=True, dtype=dtype)

@@ -221,8 +221,9 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
 
     Args:
         path: the checkpoint directory.
-        dtype: cast the floating-point weights and LoRA factors to this dtype (packed ``scales`` /
-            ``zeros`` stay float16); default: as saved.
+        dtype: cast the floating-point weights to this dtype (packed ``scales`` / ``zeros`` stay
+            float16; the LoRA factors take their recorded ``lora_dtype``, float32 unless the model
+            was prepared with another); default: as saved.
         device: where the tensors go (default CPU).
 
     Returns the model in eval mode with only the LoRA factors trainable, ``cloq_config`` set, and
@@ -246,8 +247,8 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
     else:
         logger.info("%s records no checksums (written by transformers' save_pretrained or an older cloq-engine): "
                     "not verified", cfg_file)
-    if dtype is not None:
-        state = {k: (t.to(dtype) if t.dtype.is_floating_point and k not in packed else t) for k, t in state.items()}
+    factors = {k: t.dtype for k, t in model.state_dict().items() if k.rpartition(".")[2] in ("lora_A", "lora_B")}
+    state = {k: _load_dtype(k, t, dtype, packed, factors) for k, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     tie_aliases(model, aliases)
     if device is not None:
@@ -257,6 +258,17 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
         raise ValueError(f"{weights}: tensors left unloaded: {leftover[:5]}")
     model.eval()
     return model
+
+
+def _load_dtype(name: str, t: torch.Tensor, dtype: Optional[torch.dtype], packed: set, factors: dict) -> torch.Tensor:
+    """A stored tensor in the dtype it loads as: packed buffers as stored; LoRA factors in the
+    skeleton's (their recorded ``lora_dtype``, whatever ``dtype`` and the stored dtype); other
+    floats in ``dtype`` when given."""
+    if not t.dtype.is_floating_point or name in packed:
+        return t
+    if name in factors:
+        return t.to(factors[name])
+    return t if dtype is None else t.to(dtype)
 
 
 def _skeleton(path: str, dtype: Optional[torch.dtype]) -> Tuple[nn.Module, dict]:

@@ -81,8 +81,9 @@ def _classes():
 
         def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
             qc = self.quantization_config
-            lora_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-            swap_in_empty_layers(model, qc.quant_config, qc.lora_config, qc.targets, lora_dtype)
+            # the load dtype is the layers' base dtype; their LoRA factors take the recorded `lora_dtype`
+            base = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+            swap_in_empty_layers(model, qc.quant_config, qc.lora_config, qc.targets, base)
             shapes = checkpoint_shapes(checkpoint_files)
             add_perm_buffers(model, qc.targets, shapes)
             _skip_weight_init(model, qc.targets)

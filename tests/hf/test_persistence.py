@@ -90,7 +90,8 @@ def test_from_pretrained_dtype_keeps_packed_buffers_and_resave_round_trips(tmp_p
     path = ce.save_pretrained(model, tmp_path / "ck")
     half = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     layer = half.get_submodule(model.cloq_config["targets"][0])
-    assert (layer.lora_A.dtype, layer.scales.dtype, layer.qweight.dtype) == (torch.bfloat16, torch.float16, torch.int32)
+    assert (layer.lora_A.dtype, layer.scales.dtype, layer.qweight.dtype) == (torch.float32, torch.float16, torch.int32)
+    assert layer.bias.dtype == torch.bfloat16  # frozen, in the load dtype; the trainable factors stay float32
     AutoModelForCausalLM.from_pretrained(path).save_pretrained(tmp_path / "resaved")
     for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "resaved"), ce.load_pretrained(tmp_path / "resaved")):
         assert torch.equal(logits(loaded, IDS), logits(model, IDS))
@@ -137,7 +138,7 @@ def test_load_with_dtype_casts_weights_but_not_packed_buffers(llama_checkpoint):
     model, path = llama_checkpoint
     loaded = ce.load_pretrained(path, dtype=torch.bfloat16)
     layer = loaded.get_submodule(model.cloq_config["targets"][0])
-    assert layer.lora_A.dtype == torch.bfloat16 and loaded.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert layer.lora_A.dtype == torch.float32 and loaded.get_input_embeddings().weight.dtype == torch.bfloat16
     assert layer.scales.dtype == torch.float16 and layer.qweight.dtype == torch.int32
     ref = logits(model, IDS)
     rel = (logits(loaded, IDS).float() - ref).norm() / ref.norm()
