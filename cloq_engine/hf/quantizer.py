@@ -101,6 +101,16 @@ def _classes():
                                  "targets": list(qc.targets)}
             return model
 
+        def _dequantize(self, model, dtype=None):
+            """transformers' ``model.dequantize()``: every quantized layer becomes the dense layer it
+            replaced holding Ŵ + scaling·B·A, so the dense model computes what this one does
+            (:func:`cloq_engine.merge_and_unload`); ``dtype``: transformers passes the config's."""
+            from .merge import merge_and_unload
+
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype, None)
+            return merge_and_unload(model, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+
         def is_serializable(self, safe_serialization=None):
             return True
 

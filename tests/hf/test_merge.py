@@ -95,3 +95,15 @@ def test_base_dtype_follows_a_cast_of_the_model():
     assert layer.base_dtype == layer.weight.dtype == torch.float32
     model.half()
     assert layer.base_dtype == layer.weight.dtype == layer.lora_A.dtype == torch.float16  # an explicit cast casts all
+
+
+def test_transformers_dequantize_gives_the_merged_dense_model(tmp_path):
+    """`model.dequantize()` on a from_pretrained cloq model raised NotImplementedError."""
+    from transformers import AutoModelForCausalLM
+
+    model = prepared("llama")
+    loaded = AutoModelForCausalLM.from_pretrained(ce.save_pretrained(model, tmp_path / "ck"))
+    dense = loaded.dequantize()
+    assert not any(isinstance(m, QuantLoRALinear) for m in dense.modules())
+    assert getattr(dense.config, "quantization_config", None) is None and not getattr(dense, "is_quantized", False)
+    torch.testing.assert_close(logits(dense), logits(model), rtol=1e-5, atol=1e-5)
