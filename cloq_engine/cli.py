@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a previous cloq checkpoint at --out")
     p.add_argument("--from-gptq", type=_existing_dir, default=None, metavar="DIR",
                    help="keep the Q of this GPTQ checkpoint (AutoGPTQ/GPTQModel layout); --model is its original")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype the unquantized tensors (embeddings, norms, biases, head) are stored in; auto: the "
+                        "model's own (its config's dtype). Calibration runs in float32 and the LoRA factors stay "
+                        "float32 whatever this says")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     p.add_argument("--resume", action="store_true",
                    help="prepare block by block from the safetensors shards in bounded memory, keeping finished "
@@ -215,6 +219,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if "cloq_engine.hf.output_dir" in sys.modules:  # the --out this command claimed (commands._check_out)
+            sys.modules["cloq_engine.hf.output_dir"].release_claims()
 
 
 def _run(args) -> int:

@@ -163,13 +163,40 @@ def _cli_words(message: str) -> str:
 
 
 def _check_out(out: str, overwrite: bool, inputs: List[str], **kwargs) -> str:
-    """Refuse a dangerous --out before any work (see hf/output_dir.py)."""
-    from .hf.output_dir import check_output_dir
+    """Refuse a dangerous --out before any work (see hf/output_dir.py), and claim it for this run:
+    a second run writing the same --out meanwhile is refused at its start, not after its work."""
+    from .hf.output_dir import check_output_dir, claim_output
 
     try:
-        return check_output_dir(out, overwrite=overwrite, inputs=inputs, flag="--overwrite", **kwargs)
+        target = check_output_dir(out, overwrite=overwrite, inputs=inputs, flag="--overwrite", **kwargs)
+        claim_output(target, out)
+        return target
     except ValueError as e:
         raise CLIError(_cli_words(str(e))) from None
+
+
+def _save(model, out: str, tok, overwrite: bool) -> None:
+    """save_pretrained, its refusals in the command line's words."""
+    from .hf.persistence import save_pretrained
+
+    try:
+        save_pretrained(model, out, tokenizer=tok, overwrite=overwrite)
+    except ValueError as e:
+        raise CLIError(_cli_words(str(e))) from None
+
+
+def _storage_dtype(choice: str, model_path: str) -> torch.dtype:
+    """--dtype: the dtype the unquantized tensors are stored in ("auto": the model's own, from its
+    config; float32 when it records none)."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    from transformers import AutoConfig
+
+    from .models import resolve
+
+    own = getattr(AutoConfig.from_pretrained(resolve(model_path)), "dtype", None)
+    own = getattr(torch, own, None) if isinstance(own, str) else own
+    return own if own in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
 def _check_seq_len(seq_len: int) -> None:
@@ -210,8 +237,8 @@ def _experts_table(rep, lc) -> str:
 
 
 def cmd_prepare(args) -> int:
+    from .convert import cast_dense
     from .hf import prepare_model
-    from .hf.persistence import save_pretrained
     from .hf.quantizer import attach_quantization_config
 
     t0 = time.perf_counter()
@@ -224,15 +251,17 @@ def cmd_prepare(args) -> int:
         return _prepare_from_gptq(args, given)
     if getattr(args, "resume", False):
         return _prepare_streaming(args, model_path, t0)
-    model, tok = data.load_model(model_path)
+    storage = _storage_dtype(getattr(args, "dtype", "auto"), model_path)
+    model, tok = data.load_model(model_path)  # float32: calibration runs in float32 whatever --dtype
     qc, lc = _configs(args, args.init)
     calib = _calibration(args, tok, model.config)
     t_load = time.perf_counter() - t0
     prepare_model(model, qc, lc, calib=calib, progress=not args.no_progress)
+    cast_dense(model, storage)  # the unquantized tensors as --dtype stores them (LoRA factors: float32)
     model.cloq_config["base_model"] = os.path.abspath(model_path)
     attach_quantization_config(model)
     t1 = time.perf_counter()
-    save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
+    _save(model, out, tok, args.overwrite)
     t_save = time.perf_counter() - t1
     rep = model.cloq_report
     rows = [[r.name, "x".join(map(str, r.shape)), r.err_quant, r.err_init, f"{r.bits_per_weight:.2f}"] for r in rep.layers]
@@ -275,7 +304,8 @@ def _prepare_streaming(args, model_path: str, t0: float) -> int:
     qc, lc = _configs(args, args.init)
     try:
         out = prepare_pretrained(model_path, args.out, qc, lc, calib=_calibration(args, tok), resume=True,
-                                 dtype=torch.float32, progress=not args.no_progress, tokenizer=tok)
+                                 dtype=torch.float32, progress=not args.no_progress, tokenizer=tok,
+                                 storage_dtype=_storage_dtype(getattr(args, "dtype", "auto"), model_path))
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(_cli_words(str(e))) from None
     print(f"time: total {time.perf_counter() - t0:.1f}s | peak memory: {_peak_rss_mib():.0f} MiB resident (process)")
@@ -361,8 +391,8 @@ def _gptq_conflicts(given: dict, gptq_dir: str) -> None:
 def _prepare_from_gptq(args, given: dict) -> int:
     """``cloq prepare --from-gptq DIR --model ORIG --out OUT``: keep DIR's Q, calibrated init against ORIG."""
     from .config import LoRAConfig
+    from .convert import cast_dense
     from .export import prepare_from_gptq
-    from .hf.persistence import save_pretrained
     from .hf.quantizer import attach_quantization_config
 
     if not args.model:
@@ -377,9 +407,10 @@ def _prepare_from_gptq(args, given: dict) -> int:
         prepare_from_gptq(model, args.from_gptq, lc, calib=calib, progress=not args.no_progress)
     except ValueError as e:
         raise CLIError(str(e).replace("the model's", "--model's").replace("the model", "--model")) from None
+    cast_dense(model, _storage_dtype(getattr(args, "dtype", "auto"), args.model))
     model.cloq_config["base_model"] = os.path.abspath(args.model)
     attach_quantization_config(model)
-    save_pretrained(model, args.out, tokenizer=tok, overwrite=args.overwrite)
+    _save(model, args.out, tok, args.overwrite)
     print(f"kept the Q of {len(model.cloq_config['targets'])} GPTQ layers from {args.from_gptq}; "
           f"init={lc.init.value} rank={lc.rank}; wrote {args.out} in {time.perf_counter() - t0:.1f}s")
     return 0
@@ -389,8 +420,12 @@ def _prepare_from_gptq(args, given: dict) -> int:
 def _load_checkpoint(path: str):
     from transformers import AutoTokenizer
 
+    from .hf.output_dir import is_cloq_checkpoint
     from .hf.persistence import load_pretrained
 
+    if os.path.isfile(os.path.join(path, "config.json")) and not is_cloq_checkpoint(path):
+        raise CLIError(f"{path} is not a cloq checkpoint (its config.json has no cloq `quantization_config`): "
+                       f"make one with `cloq prepare --model {path} --out DIR`")
     model = load_pretrained(path)
     model.eval()
     qcfg = getattr(model.config, "quantization_config", None) or {}
@@ -404,6 +439,9 @@ def _load_checkpoint(path: str):
 
 def _base_model(args_base: Optional[str], qcfg: dict):
     base = args_base or qcfg.get("base_model")
+    if base and not args_base and not os.path.isdir(base):  # the record is a local path, as prepared
+        raise CLIError(f"the full-precision model the checkpoint records ({base}) is not on this machine "
+                       "(`quantization_config.base_model` is the absolute path it was prepared from): pass --base DIR")
     if not base or not os.path.isdir(base):
         raise CLIError("the full-precision model is not available: pass --base DIR")
     from .hf.output_dir import is_cloq_checkpoint

@@ -35,6 +35,8 @@ class SVDSolver(str, enum.Enum):
 SUPPORTED_BITS = (2, 3, 4)
 # llama.cpp lattices (quant.grids): name -> (bits, symmetric); every one stores groups of 32
 GRID_LATTICES = {"q4_1": (4, False), "q4_k": (4, False), "q3_k": (3, True), "q2_k": (2, False)}
+# LoRAConfig.lora_dtype: the trainable factors' dtype (see LoRAConfig)
+LORA_DTYPES = ("auto", "base", "float32", "bfloat16", "float16")
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 
 
@@ -179,6 +181,14 @@ class LoRAConfig:
             own split is balanced in the whitened space, which leaves A ~25x smaller than B on
             MiniLM; Adam's steps are about ``lr`` in size whatever a factor's scale, so such an A
             moves ~25x faster relative to its size than B (see the README's fine-tuning study).
+        lora_dtype: the dtype of the trainable factors A and B. "auto" (default): float32 when the
+            layer they replace is bf16/fp16, else its own dtype (float32, or float64), as PEFT's
+            ``autocast_adapter_dtype=True`` keeps adapters: lr-sized steps round away on bf16
+            factors, and AMP's fp16 gradient scaler refuses fp16 parameters. "base": the dtype of
+            the layer replaced (PEFT's ``autocast_adapter_dtype=False``; half the factor memory
+            and optimizer state on a bf16 model). Or "float32" / "bfloat16" / "float16" whatever
+            the model's dtype. Applies when a model is prepared and whenever a checkpoint is
+            loaded, at any load dtype; ``model.to(dtype)`` still casts everything, as for any module.
     """
 
     rank: int = 16
@@ -196,9 +206,14 @@ class LoRAConfig:
     requant_rounds: int = 0
     requant_tol: float = 1e-3
     balance: Optional[bool] = None
+    lora_dtype: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "init", _enum_field(InitMethod, self.init, "init"))
+        name = self.lora_dtype if isinstance(self.lora_dtype, str) else str(self.lora_dtype).replace("torch.", "")
+        if name not in LORA_DTYPES:  # a torch.dtype is accepted by its name (config.py imports no torch)
+            raise ValueError(f"`lora_dtype` must be one of {LORA_DTYPES}; got {self.lora_dtype!r}")
+        object.__setattr__(self, "lora_dtype", name)
         object.__setattr__(self, "init_solver", _enum_field(SVDSolver, self.init_solver, "init_solver"))
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"`rank` must be a positive integer; got {self.rank!r}")

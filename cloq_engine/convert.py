@@ -44,10 +44,21 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"expected nn.Linear or Conv1D; got {type(module).__name__}")
 
 
-def lora_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype the new layer's LoRA factors and bias take: the dense weight's float dtype."""
+def base_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the new layer's frozen floats (bias, weight view): the dense weight's float dtype."""
     dtype = module.weight.dtype
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def factor_dtype(lora_config: LoRAConfig, base: torch.dtype) -> torch.dtype:
+    """The dtype of a layer's trainable LoRA factors under ``lora_config.lora_dtype``, for a layer
+    replacing a dense one of dtype ``base``."""
+    choice = lora_config.lora_dtype
+    if choice == "base":
+        return base
+    if choice == "auto":  # PEFT's autocast_adapter_dtype=True: half precision up to float32
+        return torch.float32 if base in (torch.float16, torch.bfloat16) else base
+    return getattr(torch, choice)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +171,7 @@ def build_layer(module: nn.Module, quant_config: QuantConfig, lora_config: LoRAC
     if rank != lora_config.rank or lora_config.rank_pattern:  # the layer carries its own rank
         lora_config = dataclasses.replace(lora_config, rank=rank, rank_pattern={})
     return layer_cls.from_quantized(init.qw, init.A, init.B, lora_config, quant_config, bias=module.bias,
-                                    dtype=lora_dtype(module))
+                                    dtype=base_dtype(module))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +183,32 @@ def replace_modules(model: nn.Module, replacements: Dict[str, nn.Module]) -> Non
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
+
+
+def is_factor(name: str) -> bool:
+    """A LoRA factor's state-dict name (``...lora_A`` / ``...lora_B``: PEFT's ``lora_`` prefix)."""
+    return name.rpartition(".")[2].startswith("lora_")
+
+
+def stored_state(state: Dict[str, torch.Tensor], dtype: Optional[torch.dtype], keep=()) -> Dict[str, torch.Tensor]:
+    """``state`` with its dense floats in ``dtype`` (None: as they are): the LoRA factors and the
+    names in ``keep`` (packed buffers) stay as they are."""
+    if dtype is None:
+        return state
+    return {k: (v.to(dtype) if v.is_floating_point() and not is_factor(k) and k.rpartition(".")[2] not in keep
+                else v) for k, v in state.items()}
+
+
+def cast_dense(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's floating parameters to ``dtype`` except the LoRA factors, which keep their
+    configured dtype (``model.to(dtype)`` would cast them too). Packed buffers never change, and
+    other buffers (rotary frequencies) stay as the model computed them."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not is_factor(name):
+            p.data = p.data.to(dtype)
+    for m in model.modules():
+        if hasattr(m, "base_dtype"):
+            m.base_dtype = dtype
 
 
 def mark_trainable(model: nn.Module) -> None:

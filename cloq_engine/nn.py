@@ -16,7 +16,7 @@ from torch import nn
 
 from . import backends
 from .config import LoRAConfig, QuantConfig
-from .convert import build_layer, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
+from .convert import build_layer, factor_dtype, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
 from .formats import QUANT_BUFFERS, PackedBuffers, QuantizedWeight, packed_rows  # noqa: F401 (QUANT_BUFFERS re-exported)
 
 
@@ -70,7 +70,10 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
     Buffers ``qweight``, ``scales``, ``zeros`` (see :class:`QuantizedWeight`) are never
     Parameters, so trainers do not upcast or train them, and they keep their dtypes under
     ``model.half()`` / ``model.to(torch.bfloat16)`` (only device moves apply). ``lora_A``
-    (rank, in) and ``lora_B`` (out, rank) are the only trainable Parameters; ``bias`` is frozen.
+    (rank, in) and ``lora_B`` (out, rank) are the only trainable Parameters, in
+    ``lora_config.lora_dtype`` (float32 unless asked otherwise, whatever ``dtype``); ``bias`` is
+    frozen. ``dtype`` (``base_dtype``) is the dtype of the dense layer replaced: the bias, the
+    ``weight`` view and a merge's default.
 
     Build it with :meth:`from_linear` (quantize + calibrated init), :meth:`from_quantized`, or
     empty (e.g. on ``meta``) from shapes and configs, then ``load_state_dict(..., assign=True)``.
@@ -105,8 +108,10 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
         self.register_buffer("zeros", None if self.method == "nf4" else
                              torch.empty(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("perm", None)  # input permutation of a GPTQ act-order import (QuantizedWeight.perm)
-        self.lora_A = nn.Parameter(torch.empty(self.rank, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.empty(out_features, self.rank, dtype=dtype, device=device))
+        self.base_dtype = dtype
+        factors = factor_dtype(lora_config, dtype)
+        self.lora_A = nn.Parameter(torch.empty(self.rank, in_features, dtype=factors, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.rank, dtype=factors, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.lora_dropout = nn.Dropout(lora_config.dropout) if lora_config.dropout > 0 else nn.Identity()
 
@@ -120,8 +125,9 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
         dtype = dtype or lora_A.dtype
         layer = cls(qw.in_features, qw.out_features, quant_config, lora_config, bias=bias is not None,
                     device="meta", dtype=dtype)
-        state = {"qweight": qw.qweight, "scales": qw.scales, "lora_A": lora_A.detach().to(dtype),
-                 "lora_B": lora_B.detach().to(dtype)}
+        factors = layer.lora_A.dtype
+        state = {"qweight": qw.qweight, "scales": qw.scales, "lora_A": lora_A.detach().to(factors),
+                 "lora_B": lora_B.detach().to(factors)}
         if qw.zeros is not None:
             state["zeros"] = qw.zeros
         if bias is not None:
@@ -155,12 +161,20 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized base weight Ŵ (out, in) in the LoRA dtype: a read-only copy made on
+        """The dequantized base weight Ŵ (out, in) in ``base_dtype``: a read-only copy made on
         every access, for model code that reads ``layer.weight`` (T5 checks its dtype). The
         forward and backward never use it."""
         if self.qweight.is_meta:
-            return torch.empty(self.out_features, self.in_features, dtype=self.lora_A.dtype, device="meta")
-        return self.quantized_weight.dequantize().to(self.lora_A.dtype)
+            return torch.empty(self.out_features, self.in_features, dtype=self.base_dtype, device="meta")
+        return self.quantized_weight.dequantize().to(self.base_dtype)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        try:  # what the cast does to a float tensor (model.half(), .to(bf16)) it does to base_dtype
+            self.base_dtype = fn(torch.empty(0, dtype=self.base_dtype)).dtype
+        except Exception:  # an fn for real tensors only (e.g. a distributed one): a device move
+            pass
+        return self
 
     # -- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

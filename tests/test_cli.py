@@ -331,3 +331,87 @@ def test_the_package_has_no_import_cycle():
 
     for m in sorted(graph):
         visit(m)
+
+
+# -- --dtype, and messages in the command line's words (issue 23) ---------------------------------
+@pytest.fixture(scope="module")
+def tiny_bf16_dir(tmp_path_factory):
+    """A tiny Llama saved in bfloat16 (its config says so), with MiniLM's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny_models import tiny_llama_dir
+
+    path = tiny_llama_dir(tmp_path_factory.mktemp("fp32"))
+    bf16 = tmp_path_factory.mktemp("bf16")
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(path).save_pretrained(bf16)
+    return bf16
+
+
+def _stored_bits_per_weight(ckpt, total_weights):
+    """Whole-model bits per weight from the file itself: every tensor but the LoRA factors."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(ckpt, "model.safetensors"), framework="pt") as f:
+        nbytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys() if ".lora_" not in k)
+    return 8 * nbytes / total_weights
+
+
+@pytest.mark.parametrize("dtype, stored", [("auto", torch.bfloat16), ("float32", torch.float32),
+                                           ("float16", torch.float16)])
+def test_prepare_dtype_stores_the_unquantized_tensors_so_and_reports_what_is_stored(dtype, stored, tiny_bf16_dir,
+                                                                                   tmp_path, capsys):
+    """The CLI loaded every model in float32 and stored a bf16 model's embeddings and norms in float32."""
+    from safetensors import safe_open
+
+    ck = tmp_path / "ck"
+    assert main(["prepare", "--model", str(tiny_bf16_dir), "--bits", "4", "--group-size", "32", "--dtype", dtype,
+                 "--out", str(ck), "--samples", "4", "--seq-len", "32", "--no-progress", "--json"]) == 0
+    storage = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["storage"]
+    with safe_open(str(ck / "model.safetensors"), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    name = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}[stored]
+    assert dtypes["model.embed_tokens.weight"] == dtypes["model.norm.weight"] == name
+    assert {v for k, v in dtypes.items() if ".lora_" in k} == {"F32"}  # calibrated factors stay float32
+    assert json.loads((ck / "config.json").read_text())["dtype"] == str(stored).rpartition(".")[2]
+    assert storage["whole_model_bits_per_weight"] == pytest.approx(
+        _stored_bits_per_weight(ck, storage["total_weights"]), rel=1e-9)
+
+
+def test_an_out_another_run_is_writing_is_refused_before_any_work(tmp_path, capsys):
+    """Two runs with the same --out: the second refused only after all of its compute."""
+    out = tmp_path / "ck"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from cloq_engine.hf.output_dir import claim_output; "
+                               f"claim_output({str(out)!r}); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["prepare", "--out", str(out), *FAST]) == 1
+        err = capsys.readouterr().err
+        assert f"is being written by another process (pid {holder.pid})" in err and not out.exists()
+    finally:
+        holder.communicate("")
+    assert main(["prepare", "--out", str(out), "--seq-len", "4", "--no-progress"]) == 1  # claims, then refuses
+    assert "--seq-len 4 is too short" in capsys.readouterr().err  # the dead holder's claim was taken over
+    assert os.listdir(tmp_path) == []  # and given back when the command ended
+
+
+def test_refusals_at_save_time_speak_the_cli_words(tmp_path):
+    from cloq_engine import commands
+    from tiny_models import prepared_tiny
+
+    ckpt = _fake_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(commands.CLIError, match="pass --overwrite to replace it"):
+        commands._save(prepared_tiny("llama"), str(ckpt), None, overwrite=False)
+
+
+def test_eval_of_a_plain_model_directory_says_it_is_not_a_cloq_checkpoint(tiny_bf16_dir, capsys):
+    assert main(["eval", str(tiny_bf16_dir)]) == 1
+    assert "is not a cloq checkpoint (its config.json has no cloq `quantization_config`)" in capsys.readouterr().err
+
+
+def test_eval_says_when_the_recorded_base_model_is_not_on_this_machine():
+    from cloq_engine import commands
+
+    with pytest.raises(commands.CLIError, match=r"\(/elsewhere/model\) is not on this machine .*pass --base DIR"):
+        commands._base_model(None, {"base_model": "/elsewhere/model"})

@@ -28,6 +28,7 @@ BAD_LORA_FIELDS = [
     ("init_solver", "lanczos"), ("init_power_iters", -1), ("init_power_iters", 2.5),
     ("init_damp", -1e-6), ("init_damp", math.nan), ("init_iters", 0), ("init_iters", True),
     ("requant_rounds", -1), ("requant_rounds", 1.0), ("requant_tol", 1.0), ("requant_tol", "0"),
+    ("lora_dtype", "fp32"), ("lora_dtype", None), ("lora_dtype", "int8"),
 ]
 
 
@@ -103,3 +104,11 @@ def test_rank_for_follows_peft_rank_pattern_matching():
     assert lc.rank_for("model.layers.0.self_attn.k_proj") == 8
     assert lc.rank_for("model.layers.0.self_attn.xq_proj") == 8  # a suffix match needs the dot
     assert lc.scaling_for_rank(16) == 1.0 and lc.scaling == 2.0
+
+
+def test_lora_dtype_defaults_to_auto_and_takes_a_torch_dtype_by_name():
+    import torch
+
+    assert LoRAConfig().lora_dtype == "auto"
+    assert LoRAConfig(lora_dtype=torch.bfloat16).lora_dtype == "bfloat16"
+    assert LoRAConfig.from_dict(LoRAConfig(lora_dtype="base").to_dict()).lora_dtype == "base"

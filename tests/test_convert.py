@@ -43,5 +43,6 @@ def test_from_linear_builds_the_subclass_and_keeps_bias_and_dtype():
 
     lin = nn.Linear(64, 32, bias=True).to(torch.bfloat16)
     layer = MyLayer.from_linear(lin, ce.QuantConfig(bits=4, group_size=32, method="rtn"), ce.LoRAConfig(rank=4, init="zero"))
-    assert type(layer) is MyLayer and layer.lora_A.dtype == torch.bfloat16
+    assert type(layer) is MyLayer and layer.lora_A.dtype == torch.float32  # trainable factors: float32
+    assert layer.base_dtype == layer.bias.dtype == layer.weight.dtype == torch.bfloat16
     assert torch.equal(layer.bias, lin.bias) and not layer.bias.requires_grad

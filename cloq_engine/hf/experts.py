@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
-from ..convert import LayerInit, quantize_and_init
+from ..convert import LayerInit, factor_dtype, quantize_and_init
 from ..experts import (RECORDER_ATTR, QuantLoRAExperts, dense_expert_weight, is_experts_module,
                        projection_names)
 from ..gram import GramAccumulator
@@ -253,7 +253,7 @@ def quantize_experts(module: nn.Module, proj: str, name: str, grams: Optional[Ex
     dtype = param.dtype if param.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     layer = QuantLoRAExperts.from_quantized(
         [b.init.qw for b in builds], torch.stack([b.init.A for b in builds]), torch.stack([b.init.B for b in builds]),
-        lc_layer, quant_config, transposed=module.is_transposed, dtype=dtype)
+        lc_layer, quant_config, transposed=module.is_transposed, dtype=factor_dtype(lc_layer, dtype))
     return layer.to(param.device), builds
 
 
@@ -278,7 +278,7 @@ def empty_experts_layer(model: nn.Module, name: str, quant_config: QuantConfig, 
     lc = dataclasses.replace(lora_config, rank=lora_config.rank_for(prefix + name), rank_pattern={})
     try:
         return QuantLoRAExperts(E, in_f, out_f, quant_config, lc, transposed=module.is_transposed, device="meta",
-                                dtype=dtype)
+                                dtype=factor_dtype(lc, dtype))
     except ValueError as e:
         raise ValueError(f"target {name!r}: {e}") from None
 

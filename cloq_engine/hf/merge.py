@@ -66,10 +66,39 @@ def dense_layer(layer: QuantLoRALinear, weight: torch.Tensor, conv1d: bool) -> n
     return dense
 
 
+def check_unwrapped(model: nn.Module, action: str) -> None:
+    """Refuse, before anything changes, a model that is not the cloq model itself: a PeftModel or
+    another wrapper that forwards attribute reads to the model inside it (``hasattr`` sees the inner
+    model's ``cloq_config``, ``delattr`` fails on the wrapper), or a model whose cloq layers sit
+    inside PEFT's adapter layers (densifying them would leave PEFT's layers over a dense base)."""
+    wrapped = getattr(model, "cloq_config", None) is not None and "cloq_config" not in vars(model)
+    if wrapped:
+        hint = (" PEFT's adapters on cloq layers cannot be folded into a dense weight here: keep them with "
+                "`peft_model.save_pretrained(dir)`, or drop them with "
+                f"`cloq_engine.{action}(peft_model.unload())`") if _is_peft_model(model) else ""
+        raise ValueError(f"{action} needs the cloq model itself; got a {type(model).__name__} wrapping it.{hint}")
+    tuner = next((n for n, m in model.named_modules() if _is_peft_layer(m)), None)
+    if tuner is not None:
+        raise ValueError(f"{action}: {type(model).__name__} holds PEFT adapter layers ({tuner!r}): call "
+                         f"`{action}` on the model before `peft.get_peft_model`, or on `peft_model.unload()`")
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("peft.") for c in type(model).__mro__)
+
+
+def _is_peft_layer(module: nn.Module) -> bool:
+    """A PEFT tuner layer (``BaseTunerLayer``), checked without importing peft when it is not loaded."""
+    import sys
+
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    return tuners is not None and isinstance(module, tuners.BaseTunerLayer)
+
+
 def _forget_quantization(model: nn.Module) -> None:
     """Drop the quantization record so the dense model saves and loads as a plain model."""
     for attr in ("cloq_config", "hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
+        if attr in vars(model):  # the model's own attributes: never one a wrapper forwards
             delattr(model, attr)
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
@@ -81,9 +110,18 @@ def _forget_quantization(model: nn.Module) -> None:
             config._is_quantized = False
 
 
+def dense_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter that is not a LoRA factor (its embeddings)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and "lora_" not in name.rpartition(".")[2]:
+            return p.dtype
+    return torch.float32
+
+
 def _densify(model: nn.Module, merge: bool, dtype: Optional[torch.dtype]) -> nn.Module:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"`dtype` must be a floating-point torch.dtype; got {dtype!r}")
+    check_unwrapped(model, "merge_and_unload" if merge else "dequantized_base")
     layers = quant_layers(model)
     if not layers and not quant_experts(model):
         raise ValueError(f"{type(model).__name__} has no QuantLoRALinear layer to convert")
@@ -91,13 +129,13 @@ def _densify(model: nn.Module, merge: bool, dtype: Optional[torch.dtype]) -> nn.
     new = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            target_dtype = dtype or layer.lora_A.dtype
+            target_dtype = dtype or layer.base_dtype  # as PEFT merges: into the base weight's dtype
             w = layer.merged_weight() if merge else layer.quantized_weight.dequantize()
             new[name] = dense_layer(layer, w.to(target_dtype), name in conv1d)
             if new[name].bias is not None:
                 new[name].bias.data = new[name].bias.data.to(target_dtype)
     replace_modules(model, new)
-    densify_experts(model, merge, dtype)  # packed expert projections back to 3-D parameters
+    densify_experts(model, merge, dtype or dense_dtype(model))  # packed expert projections back to 3-D parameters
     _forget_quantization(model)
     return model
 
@@ -107,8 +145,9 @@ def dequantized_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
 
     This is the base a PEFT adapter exported by :func:`export_peft_adapter` applies to: PEFT's
     LoRA on top of it computes what the quantized model computes. ``dtype`` defaults to each
-    layer's LoRA dtype. The input model is left unchanged.
+    layer's base dtype (that of the dense layer it replaced). The input model is left unchanged.
     """
+    check_unwrapped(model, "dequantized_base")  # before copying a wrapper for nothing
     return _densify(copy.deepcopy(model), merge=False, dtype=dtype)
 
 
@@ -118,6 +157,7 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     Like PEFT's ``merge_and_unload``: the model itself is modified and returned, its parameters keep
     their (frozen) ``requires_grad``, and the cloq quantization record is removed from the model and
     its config, so ``model.save_pretrained`` writes a plain dense checkpoint. ``dtype`` defaults to
-    each layer's LoRA dtype.
+    each layer's base dtype (that of the dense layer it replaced), as PEFT merges into the base
+    weight's dtype.
     """
     return _densify(model, merge=True, dtype=dtype)

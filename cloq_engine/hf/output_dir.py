@@ -159,6 +159,68 @@ def _check_writable_parent(target: str, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# One writer per output for a whole run
+# ---------------------------------------------------------------------------------------------
+def _lock_path(target: str) -> str:
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock")
+
+
+def _holder(lock: str) -> Optional[int]:
+    try:
+        with open(os.path.join(lock, MARKER), encoding="utf-8") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def claim_output(target: str, text: Optional[str] = None) -> None:
+    """Hold ``target`` for this process until it exits: a second process claiming it meanwhile is
+    refused at once (ValueError naming the holder's pid), before its own work rather than after
+    it. The claim is a ``.<target>.lock`` directory beside the target holding the pid, put in
+    place by one atomic rename (it never exists without its pid); a dead holder's claim is taken
+    over. Claiming twice is a no-op."""
+    import atexit
+
+    target = os.path.realpath(os.fspath(target))
+    lock = _lock_path(target)
+    if lock in _CLAIMED:
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    for _ in range(3):
+        tmp = f"{lock}-{secrets.token_hex(4)}"
+        os.mkdir(tmp)
+        try:
+            with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+                f.write(str(os.getpid()))
+            os.rename(tmp, lock)  # fails while another claim (never empty) is in place
+            break
+        except OSError:
+            holder = _holder(lock)
+            if holder is not None and holder != os.getpid() and _writer_alive(lock):
+                raise ValueError(f"output directory {text or target!r} is being written by another process "
+                                 f"(pid {holder}): wait for it to finish or name another directory") from None
+            if holder == os.getpid():
+                break
+            shutil.rmtree(lock, ignore_errors=True)  # a dead writer's claim
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not _CLAIMED:
+        atexit.register(release_claims)
+    _CLAIMED.add(lock)
+
+
+_CLAIMED: set = set()
+
+
+def release_claims() -> None:
+    """Give up this process's claims (the CLI, when a command ends; otherwise at exit)."""
+    for lock in list(_CLAIMED):
+        if _holder(lock) == os.getpid():
+            shutil.rmtree(lock, ignore_errors=True)
+        _CLAIMED.discard(lock)
+
+
+# ---------------------------------------------------------------------------------------------
 # Staging and swapping
 # ---------------------------------------------------------------------------------------------
 def _leftover_pattern(target: str) -> "re.Pattern":
@@ -364,5 +426,5 @@ def write_dir_atomically(target: str, write: Callable[[str], None], nbytes: Opti
         replace_dir(tmp, target)
 
 
-__all__ = ["check_output_dir", "recover_interrupted", "staging_dir", "replace_dir", "write_dir_atomically",
+__all__ = ["check_output_dir", "claim_output", "release_claims", "recover_interrupted", "staging_dir", "replace_dir", "write_dir_atomically",
            "is_cloq_checkpoint", "is_cloq_adapter", "is_cloq_export", "check_free_space", "carry_over", "NoSpaceError"]

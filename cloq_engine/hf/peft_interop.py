@@ -12,7 +12,8 @@
   PEFT find that layer by itself: every ``LoraConfig`` carries the custom-module mapping
   (``get_peft_model`` and a plain ``PeftModel.from_pretrained`` work), and
   ``target_modules="all-linear"`` includes our layers. PEFT has no global registry for either, so
-  two of its functions are wrapped, each calling PEFT's own first.
+  two of its functions are wrapped, each calling PEFT's own first. A third, PEFT's pre-merge check
+  ``LoraModel._check_merge_allowed``, also refuses adapters on our layers, before any layer merges.
   :func:`register_peft_custom_module` does the first for one config, where the wrap is unwanted.
 """
 from __future__ import annotations
@@ -333,7 +334,24 @@ def install_peft_integration() -> bool:
             peft_config.target_modules = set(peft_config.target_modules) | _all_linear_names(model)
         return peft_config
 
+    from peft.tuners.lora import LoraModel
+
+    check_merge = LoraModel._check_merge_allowed
+
+    @functools.wraps(check_merge)
+    def _check_merge_allowed(self):
+        # PEFT merges layer by layer and calls this check first: refusing here, before any layer
+        # merges, keeps a PeftModel whole (otherwise an embedding adapter ahead of our layers is
+        # merged and unloaded before our layer's merge raises).
+        check_merge(self)
+        ours = next((n for n, m in self.model.named_modules() if isinstance(m, peft_layer_class())), None)
+        if ours is not None:
+            raise ValueError(f"PEFT cannot merge adapters into cloq's packed layer {ours!r} (nothing was merged): "
+                             "keep the adapters with `peft_model.save_pretrained(dir)`, or drop them with "
+                             "`peft_model.unload()`")
+
     LoraConfig.__post_init__ = __post_init__
     tuners_utils._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+    LoraModel._check_merge_allowed = _check_merge_allowed
     LoraConfig._cloq_integration = True
     return True

@@ -28,7 +28,8 @@ from ..nn import QUANT_BUFFERS
 from .output_dir import check_output_dir, recover_interrupted, write_dir_atomically
 from .quantizer import attach_quantization_config
 from .record import (ALIASES_KEY, CONFIG_NAME, FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME,  # noqa: F401 (re-exported)
-                     deduplicated_state_dict, empty_quant_layer, hf_config_dict, parse_record, quantization_record,
+                     add_perm_buffers, check_quantized_tensors, check_targets_quantized, checkpoint_shapes,
+                     deduplicated_state_dict, empty_quant_layer, hf_config_dict, parse_record, quantization_record, read_aliases,
                      same_view, state_nbytes, storage_key, superseded_weights, swap_in_empty_layers, tensor_checksum,
                      tie_aliases, verify_checksums)
 
@@ -75,6 +76,7 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite:
     if os.path.isfile(os.fspath(save_directory)):
         raise ValueError(f"`save_directory` {os.fspath(save_directory)!r} exists and is not a directory")
     record = quantization_record(model)
+    check_targets_quantized(model, record["targets"])
     target = check_output_dir(save_directory, overwrite=overwrite, inputs=protected_inputs(model))
     state, aliases = deduplicated_state_dict(model)
     record = {**record, "format_version": FORMAT_VERSION,
@@ -237,8 +239,9 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
 
     Args:
         path: the checkpoint directory.
-        dtype: cast the floating-point weights and LoRA factors to this dtype (packed ``scales`` /
-            ``zeros`` stay float16); default: as saved.
+        dtype: cast the floating-point weights to this dtype (packed ``scales`` / ``zeros`` stay
+            float16; the LoRA factors take their recorded ``lora_dtype``, float32 unless the model
+            was prepared with another); default: as saved.
         device: where the tensors go (default CPU).
 
     Returns the model in eval mode with only the LoRA factors trainable, ``cloq_config`` set, and
@@ -262,8 +265,8 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
     else:
         logger.info("%s records no checksums (written by transformers' save_pretrained or an older cloq-engine): "
                     "not verified", cfg_file)
-    if dtype is not None:
-        state = {k: (t.to(dtype) if t.dtype.is_floating_point and k not in packed else t) for k, t in state.items()}
+    factors = {k: t.dtype for k, t in model.state_dict().items() if k.rpartition(".")[2] in ("lora_A", "lora_B")}
+    state = {k: _load_dtype(k, t, dtype, packed, factors) for k, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     tie_aliases(model, aliases)
     if device is not None:
@@ -275,10 +278,20 @@ def load_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> n
     return model
 
 
+def _load_dtype(name: str, t: torch.Tensor, dtype: Optional[torch.dtype], packed: set, factors: dict) -> torch.Tensor:
+    """A stored tensor in the dtype it loads as: packed buffers as stored; LoRA factors in the
+    skeleton's (their recorded ``lora_dtype``, whatever ``dtype`` and the stored dtype); other
+    floats in ``dtype`` when given."""
+    if not t.dtype.is_floating_point or name in packed:
+        return t
+    if name in factors:
+        return t.to(factors[name])
+    return t if dtype is None else t.to(dtype)
+
+
 def _skeleton(path: str, dtype: Optional[torch.dtype]) -> Tuple[nn.Module, dict]:
     """Checkpoint ``path``'s model with every parameter on ``meta`` (buffers computed for real), its
     targets empty QuantLoRALinear layers, frozen but for LoRA, ``cloq_config`` set; and the raw config."""
-    from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig
 
     raw = read_config(path)
@@ -293,20 +306,16 @@ def _skeleton(path: str, dtype: Optional[torch.dtype]) -> Tuple[nn.Module, dict]
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{cfg_file}: not a usable transformers config ({e})") from None
-    try:
-        with safe_open(weights, framework="pt") as f:  # names and shapes only
-            perms = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith(".perm")}
-    except SafetensorError as e:
-        raise ValueError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
+    shapes = checkpoint_shapes([weights])  # names and shapes only
     auto = model_class_for(config)
     build = auto.from_config if hasattr(auto, "from_config") else auto._from_config  # Auto class / model class
     with parameters_on_meta():
         model = build(config, dtype=dtype) if dtype is not None else build(config)
     read_generation_config(model, path)
     swap_in_empty_layers(model, qc, lc, targets, dtype)
-    for t in targets:  # a GPTQ act-order import carries an input permutation (None otherwise)
-        if f"{t}.perm" in perms:
-            model.get_submodule(t).perm = torch.empty(perms[f"{t}.perm"], dtype=torch.int64, device="meta")
+    add_perm_buffers(model, targets, shapes)
+    check_quantized_tensors(model, targets, set(shapes) | set(read_aliases([weights])) | set(_declared_ties(model, shapes)),
+                            weights)
     mark_trainable(model)
     model.cloq_config = {"quant": qc.to_dict(), "lora": lc.to_dict(), "targets": targets, "checkpoint": path}
     for key in ("base_model", "finetuned"):

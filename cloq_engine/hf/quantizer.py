@@ -24,8 +24,9 @@ from typing import Optional
 import torch
 
 from ..convert import mark_trainable
-from .record import (ALIASES_KEY, FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, parse_record, quantization_record,
-                     swap_in_empty_layers, tie_aliases, verify_checksums)
+from .record import (FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, add_perm_buffers, check_quantized_tensors,
+                     checkpoint_shapes, parse_record, quantization_record, read_aliases, swap_in_empty_layers,
+                     tie_aliases, verify_checksums)
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +81,15 @@ def _classes():
 
         def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
             qc = self.quantization_config
-            lora_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-            swap_in_empty_layers(model, qc.quant_config, qc.lora_config, qc.targets, lora_dtype)
+            # the load dtype is the layers' base dtype; their LoRA factors take the recorded `lora_dtype`
+            base = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+            swap_in_empty_layers(model, qc.quant_config, qc.lora_config, qc.targets, base)
+            shapes = checkpoint_shapes(checkpoint_files)
+            add_perm_buffers(model, qc.targets, shapes)
             _skip_weight_init(model, qc.targets)
-            self._aliases = _read_aliases(checkpoint_files)
+            self._aliases = read_aliases(checkpoint_files)
+            # transformers' loader only reports what is missing and leaves it uninitialised: refuse here
+            check_quantized_tensors(model, qc.targets, set(shapes) | set(self._aliases), _source(checkpoint_files))
             _verify_files(checkpoint_files, qc.checksums)
             return model
 
@@ -94,6 +100,16 @@ def _classes():
             model.cloq_config = {"quant": qc.quant_config.to_dict(), "lora": qc.lora_config.to_dict(),
                                  "targets": list(qc.targets)}
             return model
+
+        def _dequantize(self, model, dtype=None):
+            """transformers' ``model.dequantize()``: every quantized layer becomes the dense layer it
+            replaced holding Ŵ + scaling·B·A, so the dense model computes what this one does
+            (:func:`cloq_engine.merge_and_unload`); ``dtype``: transformers passes the config's."""
+            from .merge import merge_and_unload
+
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype, None)
+            return merge_and_unload(model, dtype=dtype if isinstance(dtype, torch.dtype) else None)
 
         def is_serializable(self, safe_serialization=None):
             return True
@@ -123,21 +139,9 @@ def _skip_weight_init(model, targets) -> None:
             parent._is_hf_initialized = True
 
 
-def _read_aliases(checkpoint_files) -> dict:
-    """The tied-tensor record of our safetensors file, when the loader tells us which file it reads."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
-    for file in checkpoint_files or []:
-        if os.path.basename(str(file)) != WEIGHTS_NAME:
-            continue
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
-        except (SafetensorError, json.JSONDecodeError, OSError):
-            logger.warning("could not read tied-tensor metadata of %s", file)
-    return {}
+def _source(checkpoint_files) -> str:
+    files = [str(f) for f in checkpoint_files or []]
+    return os.path.dirname(files[0]) if files else "the checkpoint"
 
 
 def _verify_files(checkpoint_files, checksums: dict) -> None:

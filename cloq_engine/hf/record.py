@@ -11,6 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
+import logging
+import os
 import re
 from typing import Dict, List, Optional, Tuple
 
@@ -19,7 +22,10 @@ from torch import nn
 
 from ..config import LoRAConfig, QuantConfig
 from ..convert import linear_weight, replace_modules
+from ..formats import PackedBuffers
 from ..nn import QuantLoRALinear
+
+logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "cloq"
 CONFIG_NAME = "config.json"
@@ -73,6 +79,83 @@ def parse_record(record, source: str) -> Tuple[QuantConfig, LoRAConfig, List[str
     except ValueError as e:
         raise ValueError(f"{source}: invalid `quantization_config`: {e}") from None
     return qc, lc, list(targets)
+
+
+def check_targets_quantized(model: nn.Module, targets: List[str]) -> None:
+    """Refuse a model whose recorded targets are not (all) quantized layers: its checkpoint would
+    name layers it holds no packed weights for (e.g. a model densified after it was recorded)."""
+    bad = []
+    for t in targets:
+        try:
+            module = model.get_submodule(t)
+        except AttributeError:
+            module = None
+        if not isinstance(module, PackedBuffers):
+            bad.append(f"{t} ({type(module).__name__ if module is not None else 'absent'})")
+    if bad:
+        raise ValueError(f"`cloq_config.targets` names {len(bad)} layer(s) that are not quantized cloq layers, "
+                         f"e.g. {bad[:3]}: the model is not (or no longer) a whole cloq model")
+
+
+def checkpoint_shapes(files) -> Dict[str, Tuple[int, ...]]:
+    """``{name: shape}`` of the tensors held by checkpoint ``files`` (safetensors headers only;
+    other formats memory-mapped onto ``meta``)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for file in files or []:
+        file = str(file)
+        if file.endswith(".safetensors"):
+            try:
+                with safe_open(file, framework="pt") as f:
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            except SafetensorError as e:
+                raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+        else:
+            shapes.update({k: tuple(t.shape) for k, t in
+                           torch.load(file, map_location="meta", weights_only=True, mmap=True).items()})
+    return shapes
+
+
+def read_aliases(checkpoint_files) -> dict:
+    """The tied-tensor record (``{dropped: kept}``) of our safetensors file among ``checkpoint_files``."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in checkpoint_files or []:
+        if os.path.basename(str(file)) != WEIGHTS_NAME:
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+        except (SafetensorError, json.JSONDecodeError, OSError):
+            logger.warning("could not read tied-tensor metadata of %s", file)
+    return {}
+
+
+def add_perm_buffers(model: nn.Module, targets: List[str], shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """Give each target whose checkpoint carries an input permutation (a GPTQ act-order import)
+    an empty ``perm`` buffer to load it into (None otherwise, and a loader would drop it)."""
+    for t in targets:
+        if f"{t}.perm" in shapes and isinstance(model.get_submodule(t), QuantLoRALinear):
+            model.get_submodule(t).perm = torch.empty(shapes[f"{t}.perm"], dtype=torch.int64, device="meta")
+
+
+def check_quantized_tensors(model: nn.Module, targets: List[str], present, source: str) -> None:
+    """Refuse a checkpoint that lacks any tensor of a quantized layer (packed buffers, LoRA factors,
+    bias): a loader would leave it uninitialised (transformers' loader only reports it). ``present``:
+    the tensor names the checkpoint holds, including tied names it stores once."""
+    present = set(present)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def held(name: str) -> bool:  # transformers maps a base model's keys onto a head model and back
+        return (name in present or f"{prefix}.{name}" in present
+                or (bool(prefix) and name.startswith(prefix + ".") and name[len(prefix) + 1:] in present))
+
+    missing = [f"{t}.{k}" for t in targets for k in model.get_submodule(t).state_dict() if not held(f"{t}.{k}")]
+    if missing:
+        raise ValueError(f"{source}: missing {len(missing)} tensor(s) of the quantized layers its "
+                         f"`quantization_config.targets` lists, e.g. {missing[:5]}: not a complete cloq checkpoint "
+                         "(a dense model saved with a stale `quantization_config`?)")
 
 
 def tensor_checksum(t: torch.Tensor) -> str:

@@ -35,7 +35,8 @@ from torch import nn
 
 from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
-from ..convert import mark_trainable, replace_modules
+from ..convert import cast_dense, mark_trainable, replace_modules, stored_state
+from ..formats import QUANT_BUFFERS
 from .output_dir import check_free_space, write_dir_atomically
 from .fit import fit_ranks, warn_tied_heads
 from .persistence import model_class_for, read_generation_config, write_side_files
@@ -241,13 +242,16 @@ def _outside_state(model: nn.Module, stack_name: str):
 def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: LoRAConfig,
                        calib: Optional[Iterable] = None, *, resume: bool = False, device=None,
                        dtype: Optional[torch.dtype] = None, true_sequential: bool = True, batch_size: int = 8,
-                       report: str = "sampled", progress: bool = False, tokenizer=None) -> str:
+                       report: str = "sampled", progress: bool = False, tokenizer=None,
+                       storage_dtype: Optional[torch.dtype] = None) -> str:
     """Prepare the Hugging Face checkpoint at ``model_path`` block by block and write the prepared
     checkpoint to ``out`` (as :func:`save_pretrained` would), in bounded memory.
 
     Args: as :func:`prepare_model`, plus ``device`` (where blocks are computed, default CPU),
-    ``dtype`` (of the model's floating weights; default the config's) and ``resume`` (continue from
-    ``<out>.partial/`` after an interruption; otherwise any partial output is discarded).
+    ``dtype`` (of the model's floating weights while it is calibrated; default the config's),
+    ``storage_dtype`` (of the dense tensors written, embeddings, norms, biases; default ``dtype``;
+    the LoRA factors keep their ``lora_dtype``) and ``resume`` (continue from ``<out>.partial/``
+    after an interruption; otherwise any partial output is discarded).
     Returns the absolute path of ``out``.
     """
     from accelerate import init_empty_weights
@@ -300,8 +304,9 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
 
+    storage_dtype = None if storage_dtype in (None, dtype) else storage_dtype
     fingerprint = _fingerprint(model_path, quant_config, lora_config, targets + expert_targets, batches,
-                               true_sequential, batch_size, dtype)
+                               true_sequential, batch_size, dtype if storage_dtype is None else f"{dtype}->{storage_dtype}")
     start = _open_partial(partial, fingerprint, resume, len(blocks))
     rep = PrepareReport()
     builder = LayerBuilder(quant_config, lora_config, rep, report)
@@ -322,6 +327,8 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
 
             state = load_file(_block_file(partial, i), device=str(device))
             block.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True, assign=True)
+            if storage_dtype is not None:  # stored in storage_dtype; it runs forward in dtype as in the first run
+                cast_dense(block, dtype)
         else:
             keys = [prefix + k for k in block.state_dict()]
             state = reader.read(keys, device)
@@ -339,7 +346,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     def after_block(i: int, block: nn.Module) -> None:
         if i >= start:
             prefix = f"{stack_name}.{i}."
-            state = {prefix + k: v for k, v in block.state_dict().items()}
+            state = stored_state({prefix + k: v for k, v in block.state_dict().items()}, storage_dtype, QUANT_BUFFERS)
             _check_space(partial, state)
             _save_atomic(state, _block_file(partial, i))
             _write_json_atomic({"fingerprint": fingerprint, "blocks": len(blocks), "done": i + 1},
@@ -382,6 +389,8 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
 
     finish(model, quant_config, lora_config, targets + expert_targets)
     model.cloq_config["base_model"] = model_path
+    if storage_dtype is not None:  # the blocks are on meta by now: this casts the tensors outside the stack
+        cast_dense(model, storage_dtype)
     state, aliases = _outside_state(model, stack_name)
     sources = [_block_file(partial, i) for i in range(len(blocks))]
     record = {**quantization_record(model), "format_version": FORMAT_VERSION,

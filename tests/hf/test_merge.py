@@ -77,3 +77,33 @@ def test_merge_refuses_models_without_quantized_layers_and_bad_dtype():
         ce.merge_and_unload(tiny_model("llama"))
     with pytest.raises(ValueError, match="dtype"):
         ce.merge_and_unload(copy.deepcopy(prepared("llama")), dtype=torch.int8)
+
+
+def test_a_bf16_model_merges_into_bf16_layers_though_its_lora_factors_are_fp32():
+    """As PEFT merges: into the base weight's dtype (the factors' float32 would double the size)."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    ce.prepare_model(model, ce.QuantConfig(bits=4, group_size=32, method="rtn"), ce.LoRAConfig(rank=4, init="zero"))
+    name = model.cloq_config["targets"][0]
+    assert model.get_submodule(name).lora_A.dtype == torch.float32
+    merged = ce.merge_and_unload(model)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+
+
+def test_base_dtype_follows_a_cast_of_the_model():
+    model = copy.deepcopy(prepared("llama"))
+    layer = model.get_submodule(model.cloq_config["targets"][0])
+    assert layer.base_dtype == layer.weight.dtype == torch.float32
+    model.half()
+    assert layer.base_dtype == layer.weight.dtype == layer.lora_A.dtype == torch.float16  # an explicit cast casts all
+
+
+def test_transformers_dequantize_gives_the_merged_dense_model(tmp_path):
+    """`model.dequantize()` on a from_pretrained cloq model raised NotImplementedError."""
+    from transformers import AutoModelForCausalLM
+
+    model = prepared("llama")
+    loaded = AutoModelForCausalLM.from_pretrained(ce.save_pretrained(model, tmp_path / "ck"))
+    dense = loaded.dequantize()
+    assert not any(isinstance(m, QuantLoRALinear) for m in dense.modules())
+    assert getattr(dense.config, "quantization_config", None) is None and not getattr(dense, "is_quantized", False)
+    torch.testing.assert_close(logits(dense), logits(model), rtol=1e-5, atol=1e-5)

@@ -222,3 +222,53 @@ def test_empty_model_works_with_accelerate_init_empty_weights_and_load_checkpoin
     loaded = load_checkpoint_and_dispatch(empty, str(tmp_path / "ck"), device_map={"": "cpu"})
     with torch.no_grad():
         torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+
+
+def state_of(model):
+    """Every tensor (by name) and every module type: what a refused call must leave as it was."""
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            [(n, type(m).__name__) for n, m in model.named_modules()])
+
+
+def assert_unchanged(model, before):
+    tensors, modules = state_of(model)
+    assert modules == before[1]
+    assert tensors.keys() == before[0].keys()
+    assert all(torch.equal(tensors[k], before[0][k]) for k in tensors)
+
+
+def peft_over_cloq(targets):
+    model = copy.deepcopy(prepared("llama"))
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(target_modules=targets, r=8))
+    with torch.no_grad():  # adapters that change the output, so that a merge would show
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n or "lora_embedding_B" in n:
+                p.normal_()
+    return peft_model
+
+
+def test_cloq_merge_and_unload_refuses_a_peft_model_before_changing_it():
+    """Issue 23: it replaced every quantized layer, then raised on `delattr(PeftModel, "cloq_config")`."""
+    peft_model = peft_over_cloq(["q_proj", "v_proj"])
+    before = state_of(peft_model)
+    for call in (ce.merge_and_unload, ce.dequantized_base):
+        with pytest.raises(ValueError, match="needs the cloq model itself; got a PeftModel"):
+            call(peft_model)
+        assert_unchanged(peft_model, before)
+    inner = peft_model.base_model.model  # the cloq model with PEFT's layers inside it
+    with pytest.raises(ValueError, match="holds PEFT adapter layers"):
+        ce.merge_and_unload(inner)
+    assert_unchanged(peft_model, before)
+    assert "quantization_config" in inner.config.to_dict() and inner.cloq_config
+    dense = ce.merge_and_unload(peft_model.unload())  # the route the message names: PEFT's adapters dropped
+    assert not any(isinstance(m, QuantLoRALinear) for m in dense.modules())
+
+
+@pytest.mark.parametrize("method", ["merge_and_unload", "merge_adapter"])
+def test_peft_merge_refuses_adapters_on_cloq_layers_before_merging_any(method):
+    """An embedding adapter comes first in module order: PEFT merged and unloaded it, then raised on ours."""
+    peft_model = peft_over_cloq(["embed_tokens", "q_proj"])
+    before = state_of(peft_model)
+    with pytest.raises(ValueError, match="nothing was merged"):
+        getattr(peft_model, method)()
+    assert_unchanged(peft_model, before)

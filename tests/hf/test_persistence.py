@@ -90,7 +90,8 @@ def test_from_pretrained_dtype_keeps_packed_buffers_and_resave_round_trips(tmp_p
     path = ce.save_pretrained(model, tmp_path / "ck")
     half = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     layer = half.get_submodule(model.cloq_config["targets"][0])
-    assert (layer.lora_A.dtype, layer.scales.dtype, layer.qweight.dtype) == (torch.bfloat16, torch.float16, torch.int32)
+    assert (layer.lora_A.dtype, layer.scales.dtype, layer.qweight.dtype) == (torch.float32, torch.float16, torch.int32)
+    assert layer.bias.dtype == torch.bfloat16  # frozen, in the load dtype; the trainable factors stay float32
     AutoModelForCausalLM.from_pretrained(path).save_pretrained(tmp_path / "resaved")
     for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "resaved"), ce.load_pretrained(tmp_path / "resaved")):
         assert torch.equal(logits(loaded, IDS), logits(model, IDS))
@@ -137,7 +138,7 @@ def test_load_with_dtype_casts_weights_but_not_packed_buffers(llama_checkpoint):
     model, path = llama_checkpoint
     loaded = ce.load_pretrained(path, dtype=torch.bfloat16)
     layer = loaded.get_submodule(model.cloq_config["targets"][0])
-    assert layer.lora_A.dtype == torch.bfloat16 and loaded.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert layer.lora_A.dtype == torch.float32 and loaded.get_input_embeddings().weight.dtype == torch.bfloat16
     assert layer.scales.dtype == torch.float16 and layer.qweight.dtype == torch.int32
     ref = logits(model, IDS)
     rel = (logits(loaded, IDS).float() - ref).norm() / ref.norm()
@@ -372,13 +373,76 @@ def model_targets(checkpoint):
     return checkpoint[0].cloq_config["targets"][0]
 
 
-def test_act_order_permutation_round_trips(tmp_path):
-    """A layer holding an input permutation (a GPTQ act-order import) saves and loads with it."""
+LOADERS = {
+    "load_pretrained": ce.load_pretrained,
+    "from_pretrained": lambda path: __import__("transformers").AutoModelForCausalLM.from_pretrained(path),
+}
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_act_order_permutation_round_trips(loader, tmp_path):
+    """A layer holding an input permutation (a GPTQ act-order import) saves and loads with it
+    (transformers' loader dropped it as an unexpected tensor: the columns were read out of order)."""
     model = copy.deepcopy(prepared("llama"))
     layer = next(m for m in model.modules() if isinstance(m, QuantLoRALinear))
     layer.perm = torch.randperm(layer.in_features, generator=torch.Generator().manual_seed(0))
     path = ce.save_pretrained(model, tmp_path / "ck")
-    loaded = ce.load_pretrained(path)
+    loaded = LOADERS[loader](path)
     twin = next(m for m in loaded.modules() if isinstance(m, QuantLoRALinear))
     assert torch.equal(twin.perm, layer.perm)
     assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Incomplete checkpoints: refused by every loader, naming the first missing tensors
+# ---------------------------------------------------------------------------------------------
+ALL_LOADERS = {**LOADERS, "empty_model": ce.empty_model}
+
+
+def dense_with_stale_record(path):
+    """A dense model saved with a cloq `quantization_config`: what merging a PeftModel used to leave."""
+    model = copy.deepcopy(prepared("llama"))
+    ce.hf.attach_quantization_config(model)
+    record = model.config.quantization_config
+    dense = ce.merge_and_unload(model)
+    dense.config.quantization_config = record
+    dense.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("loader", sorted(ALL_LOADERS))
+def test_a_checkpoint_without_packed_tensors_is_refused_by_every_loader(loader, tmp_path):
+    """Issue 23: transformers' from_pretrained built the layers with uninitialised qweight/scales
+    (non-finite logits), printing only its load report."""
+    path = dense_with_stale_record(tmp_path / "dense")
+    target = prepared("llama").cloq_config["targets"][0]
+    with pytest.raises(ValueError, match=rf"missing 70 tensor\(s\) of the quantized layers.*'{target}.lora_A'"):
+        ALL_LOADERS[loader](path)
+
+
+@pytest.mark.parametrize("loader", sorted(ALL_LOADERS))
+def test_a_checkpoint_missing_one_lora_tensor_and_no_checksums_is_refused(loader, llama_checkpoint, tmp_path):
+    """A checkpoint written by transformers' save_pretrained records no checksums: the file check
+    returned early and verified nothing."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(llama_checkpoint[1]).save_pretrained(tmp_path / "hf")
+    target = model_targets(llama_checkpoint)
+    file = tmp_path / "hf" / "model.safetensors"
+    state = load_file(file)
+    del state[f"{target}.lora_B"]
+    save_file(state, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"missing 1 tensor\(s\) of the quantized layers.*'{target}.lora_B'"):
+        ALL_LOADERS[loader](tmp_path / "hf")
+
+
+def test_save_refuses_a_model_whose_targets_are_not_quantized_layers(tmp_path):
+    model = copy.deepcopy(prepared("llama"))
+    target = model.cloq_config["targets"][0]
+    dense = ce.dequantized_base(model).get_submodule(target)
+    parent, _, child = target.rpartition(".")
+    setattr(model.get_submodule(parent), child, dense)
+    with pytest.raises(ValueError, match=rf"not quantized cloq layers, e.g. \['{target} \(Linear\)'"):
+        ce.save_pretrained(model, tmp_path / "ck")
+    assert not os.path.exists(tmp_path / "ck")

@@ -223,3 +223,36 @@ def test_cli_prepare_resume_writes_a_loadable_checkpoint(tmp_path):
     model = ce.load_pretrained(tmp_path / "out")
     assert len(model.cloq_config["targets"]) == 14
     assert os.path.isfile(tmp_path / "out" / "tokenizer_config.json")
+
+
+def test_storage_dtype_streams_as_the_in_memory_prepare_cast_after_calibration(source, tmp_path, monkeypatch):
+    """`cloq prepare --resume --dtype bfloat16`: calibrated in float32, dense tensors stored in bf16,
+    LoRA factors float32; equal to the in-memory prepare cast after calibration, also when resumed."""
+    from transformers import AutoModelForCausalLM
+
+    from cloq_engine.convert import cast_dense
+
+    src, _ = source
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    ce.prepare_model(model, QC, LC, calib=tiny_calib(4))
+    cast_dense(model, torch.bfloat16)
+    ref = ce.save_pretrained(model, tmp_path / "ref")
+    save = streaming._save_atomic
+
+    def interrupted(tensors, file):
+        if file.endswith("block-00001.safetensors"):
+            raise KeyboardInterrupt
+        save(tensors, file)
+
+    monkeypatch.setattr(streaming, "_save_atomic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        streaming.prepare_pretrained(src, tmp_path / "out", QC, LC, calib=tiny_calib(4), dtype=torch.float32,
+                                     storage_dtype=torch.bfloat16, resume=True)
+    monkeypatch.setattr(streaming, "_save_atomic", save)
+    out = streaming.prepare_pretrained(src, tmp_path / "out", QC, LC, calib=tiny_calib(4), dtype=torch.float32,
+                                       storage_dtype=torch.bfloat16, resume=True)
+    _assert_same(out, ref)
+    state = ce.load_pretrained(out).state_dict()
+    assert state["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert state["model.layers.0.self_attn.q_proj.lora_A"].dtype == torch.float32

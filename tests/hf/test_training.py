@@ -273,3 +273,62 @@ def test_two_processes_match_one_and_keep_packed_buffers_bit_exact(engine, tmp_p
                 torch.testing.assert_close(out["state"][k], v, rtol=1e-4, atol=1e-5)
     if engine == "fsdp2":
         assert all(out["lora_sharded"] for out in outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA factors stay float32 under every load dtype (issue 23), as PEFT keeps its adapters
+# ---------------------------------------------------------------------------------------------
+def _bf16_sources(kind, tmp_path):
+    """A model whose dense weights are bf16/fp16, by each path a user takes to one."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = prepared_with_tokenizer(tmp_path / "base")
+    if kind == "prepare_model(bf16 model)":
+        dense = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+        ce.prepare_model(dense, ce.QuantConfig(bits=4, group_size=32, method="rtn"),
+                         ce.LoRAConfig(rank=4, alpha=8, init="svd"))
+        return dense, tok, torch.bfloat16
+    path = ce.save_pretrained(model, tmp_path / "ck")
+    dtype = torch.float16 if "float16" in kind and "bfloat16" not in kind else torch.bfloat16
+    if kind.startswith("load_pretrained"):
+        return ce.load_pretrained(path, dtype=dtype), tok, dtype
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tok, dtype
+
+
+@pytest.mark.parametrize("kind", ["from_pretrained(dtype=bfloat16)", "from_pretrained(dtype=float16)",
+                                  "load_pretrained(dtype=bfloat16)", "prepare_model(bf16 model)"])
+def test_half_precision_models_keep_fp32_lora_factors_and_sft_updates_all_of_them(kind, tmp_path):
+    """2 SFTTrainer steps (bf16=True, lr 2e-5) from a bf16 load left 19,144 of 32,768 bf16 LoRA
+    elements unchanged: lr-sized steps round away on bf16 factors of size ~0.1."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok, dtype = _bf16_sources(kind, tmp_path)
+    layer = next(m for m in model.modules() if isinstance(m, QuantLoRALinear))
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert model.get_input_embeddings().weight.dtype == dtype and layer.weight.dtype == dtype
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+    texts = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(8)]
+    args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=2, per_device_train_batch_size=2,
+                     learning_rate=2e-5, bf16=True, logging_steps=1, report_to=[], save_strategy="no",
+                     disable_tqdm=True)
+    SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}), processing_class=tok).train()
+    params = dict(model.named_parameters())
+    unchanged = sum(int((params[n].detach() == t).sum()) for n, t in lora.items())
+    assert unchanged == 0, f"{unchanged} of {sum(t.numel() for t in lora.values())} LoRA elements unchanged"
+
+
+@pytest.mark.parametrize("lora_dtype, expected", [("base", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                                  (torch.float16, torch.float16)])
+def test_low_precision_factors_when_asked_are_recorded_and_kept_on_load(lora_dtype, expected, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    ce.prepare_model(model, ce.QuantConfig(bits=4, group_size=32, method="rtn"),
+                     ce.LoRAConfig(rank=4, init="zero", lora_dtype=lora_dtype))
+    target = model.cloq_config["targets"][0]
+    assert model.get_submodule(target).lora_A.dtype == expected
+    path = ce.save_pretrained(model, tmp_path / "ck")
+    for loaded in (ce.load_pretrained(path), AutoModelForCausalLM.from_pretrained(path)):
+        assert loaded.get_submodule(target).lora_B.dtype == expected
