@@ -505,7 +505,10 @@ def cmd_bench(args) -> int:
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
-        return int(e.code or 0)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # sys.exit("message"): Python prints it and exits 1; so do we
+        return 1
     finally:
         sys.argv = argv
     return 0

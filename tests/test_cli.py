@@ -314,3 +314,16 @@ def test_the_package_has_no_import_cycle():
 
     for m in sorted(graph):
         visit(m)
+
+
+def test_a_benchmark_exiting_with_a_message_prints_it_as_is_and_exits_1(tmp_path, capsys):
+    """A string SystemExit from a benchmark (benchmarks/finetune.py refusing a study of other settings)
+    was passed to int() and the message printed wrapped in "invalid literal for int()"."""
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "settings.json").write_text('{"rank": 999}')
+    (out / "runs.jsonl").write_text("")
+    assert main(["bench", "finetune", "--out", str(out)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("cloq bench finetune: error: ") and "holds a study with other settings" in last
+    assert "invalid literal" not in last and last.count("error:") == 1
