@@ -55,13 +55,18 @@ def _quant_flags(args) -> dict:
     return {"sym": bool(getattr(args, "sym", False)), "act_order": bool(getattr(args, "act_order", False))}
 
 
+def _lora_config(args, init: str) -> LoRAConfig:
+    """The command line's LoRAConfig for ``init`` (a method, or a variant such as cloq+ranks: its method)."""
+    method = init.partition("+")[0]
+    fields = _init_fields(args)
+    if method not in ("cloq", "quailora"):
+        fields.pop("requant_rounds", None)  # compare runs every init with the same flags
+    return LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=method, **fields)
+
+
 def _configs(args, init: str):
     qc = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quantizer, **_quant_flags(args))
-    fields = _init_fields(args)
-    if init not in ("cloq", "quailora"):
-        fields.pop("requant_rounds", None)  # compare runs every init with the same flags
-    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init, **fields)
-    return qc, lc
+    return qc, _lora_config(args, init)
 
 
 MIN_SEQ_LEN = 16  # shorter blocks are fragments of sentences: the activations are not the model's usual ones
@@ -394,7 +399,7 @@ def cmd_compare(args) -> int:
         for init in args.inits:
             t0 = time.perf_counter()
             # LoftQ alternates with its own RTN quantizer; cloq+requant/+ranks are CLoQ variants (variants.py)
-            qc, lc = resolve_variant(init, LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank),
+            qc, lc = resolve_variant(init, _lora_config(args, init),
                                      QuantConfig(bits=bits, group_size=args.group_size, method=args.quantizer,
                                                  **_quant_flags(args)), base, calib)
             method = qc.method.value
