@@ -15,7 +15,7 @@ LORA = ce.LoRAConfig(rank=4, alpha=8, init="zero")
 IN_F, OUT_F = 96, 48
 COUNTS = (5, 0, 3, 2)  # rows per expert, sorted by expert; expert 1 gets no token
 AMP_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}  # bf16 keeps 8 mantissa bits, fp16 11
-# The Triton interpreter computes bf16 wrongly on CPU (docs/design.md, "Testing without a GPU"): fp16 only there.
+# The Triton interpreter computes bf16 wrongly on CPU (docs/design.md §6, "The Triton interpreter"): fp16 only there.
 CASES = [(b, d) for b in ("torch", "cpp", "triton") for d in (torch.bfloat16, torch.float16)
          if not (b == "triton" and d == torch.bfloat16)]
 
