@@ -173,7 +173,7 @@ def plan_env(ctx: Context) -> List[Measurement]:
 
 CORRECT_SHAPES = ((4096, 4096), (4096, 1001))  # (in, out): square, and an odd N
 CORRECT_MS = (1, 64, 2048)  # the GEMV, the fused tiles, dequant + cuBLAS (default path table)
-BF16_TOL = 1e-2  # ‖err‖/‖ref‖ for bf16 operands (METHOD.md: 1e-3 .. 1e-2)
+BF16_TOL = 1e-2  # ‖err‖/‖ref‖ for bf16 operands (docs/design.md §6, "Tolerances": 1e-3 .. 1e-2)
 
 
 @step("correct", "quick", "bf16 forward + backward vs the float32 reference: bits 2/3/4/NF4, 4096x4096 and odd N, "

@@ -22,24 +22,31 @@ _EXPORTS = {
     "QuantLoRALinear": ".nn",
     "set_backend": ".backends", "active_backend": ".backends", "available_backends": ".backends",
     "mark_trainable": ".convert",
-    "prepare_model": ".hf",
+    "QuantLoRAExperts": ".experts",
+    "prepare_model": ".hf", "PrepareReport": ".hf.prepare",
+    "prepare_pretrained": ".hf.streaming", "plan_ranks": ".rank_plan",
     "save_pretrained": ".hf", "load_pretrained": ".hf", "empty_model": ".hf",
     "export_peft_adapter": ".hf", "dequantized_base": ".hf", "merge_and_unload": ".hf",
+    "export_gptq": ".export", "prepare_from_gptq": ".export",
     "register_peft_custom_module": ".hf", "register_transformers_quantizer": ".hf",
 }
 
 __all__ = list(_EXPORTS)
 
+# Submodules reachable as attributes (``ce.hf``, ``ce.init``, ...): the engine's layers. The command
+# line's internals (cli, commands) and the research harness (study, tasks, variants, finetune) are
+# not part of the API: import them by their full name where they are needed.
+_SUBMODULES = {"config", "formats", "quant", "gram", "linalg", "init", "calib", "convert", "nn", "experts",
+               "layer_forward", "backends", "kernels", "hf", "export", "gptq_format", "rank_plan", "data",
+               "models", "eval"}
+
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
-        try:  # a submodule: cloq_engine.hf, cloq_engine.export, ...
+        if name in _SUBMODULES:
             return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

@@ -3,7 +3,7 @@
 A pure stage: it runs forward passes and hands back ``{layer name: H}``; the caller quantizes
 and swaps the layers (``convert.py``), so the inputs of later layers come from quantized ones.
 
-Sequential use (DESIGN.md §2), as ``hf/prepare.py`` drives it::
+Sequential use (docs/design.md §2), as ``hf/prepare.py`` drives it::
 
     stack = find_block_stack(model, targets)                # e.g. ("model.layers", ModuleList)
     inputs = capture_block_inputs(model, blocks, batches)   # every block's forward kwargs

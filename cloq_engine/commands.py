@@ -62,13 +62,18 @@ def _quant_flags(args) -> dict:
             "grid": getattr(args, "grid", None)}
 
 
+def _lora_config(args, init: str) -> LoRAConfig:
+    """The command line's LoRAConfig for ``init`` (a method, or a variant such as cloq+ranks: its method)."""
+    method = init.partition("+")[0]
+    fields = _init_fields(args)
+    if method not in ("cloq", "quailora"):
+        fields.pop("requant_rounds", None)  # compare runs every init with the same flags
+    return LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=method, **fields)
+
+
 def _configs(args, init: str):
     qc = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quantizer, **_quant_flags(args))
-    fields = _init_fields(args)
-    if init not in ("cloq", "quailora"):
-        fields.pop("requant_rounds", None)  # compare runs every init with the same flags
-    lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=init, **fields)
-    return qc, lc
+    return qc, _lora_config(args, init)
 
 
 MIN_SEQ_LEN = 16  # shorter blocks are fragments of sentences: the activations are not the model's usual ones
@@ -263,7 +268,16 @@ def cmd_prepare(args) -> int:
     t1 = time.perf_counter()
     _save(model, out, tok, args.overwrite)
     t_save = time.perf_counter() - t1
-    rep = model.cloq_report
+    _print_prepared(args, model.cloq_report, qc, lc, model, next(model.parameters()).device,
+                    f"load {t_load:.1f}s | capture+forward {model.cloq_report.capture_s:.1f}s | "
+                    f"quantize {model.cloq_report.quantize_s:.1f}s | init {model.cloq_report.init_s:.1f}s | "
+                    f"save {t_save:.1f}s | total {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _print_prepared(args, rep, qc, lc, model, device, times: str) -> None:
+    """What `cloq prepare` prints, in memory or streamed: the per-layer (and per-expert) table, the
+    summary, the storage, the times, and with --json the whole report."""
     rows = [[r.name, "x".join(map(str, r.shape)), r.err_quant, r.err_init, f"{r.bits_per_weight:.2f}"] for r in rep.layers]
     print(_table(rows, ["layer", "shape", "err quantized", f"err +{lc.init.value}", "bits/w"]))
     if rep.experts:
@@ -278,11 +292,10 @@ def cmd_prepare(args) -> int:
           f"{storage['body_bits_per_weight']:.3f} without the input/output embeddings")
     mean_q = sum(r.err_quant for r in rep.layers) / len(rep.layers)
     mean_i = sum(r.err_init for r in rep.layers) / len(rep.layers)
-    print(f"time: load {t_load:.1f}s | capture+forward {rep.capture_s:.1f}s | quantize {rep.quantize_s:.1f}s | "
-          f"init {rep.init_s:.1f}s | save {t_save:.1f}s | total {time.perf_counter() - t0:.1f}s")
+    print(f"time: {times}")
     from .backends import active_backend
 
-    print(f"backend: {active_backend(next(model.parameters()).device)} | "
+    print(f"backend: {active_backend(device)} | "
           f"peak memory: {_peak_rss_mib():.0f} MiB resident (process)"
           + (f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA" if torch.cuda.is_available() else ""))
     print(f"wrote {args.out}")
@@ -291,25 +304,29 @@ def cmd_prepare(args) -> int:
                           "underdetermined": rep.underdetermined, "full_precision": rep.full_precision,
                           "layers": [r.__dict__ for r in rep.layers], "experts": [r.__dict__ for r in rep.experts],
                           "storage": storage}))
-    return 0
 
 
 def _prepare_streaming(args, model_path: str, t0: float) -> int:
-    """``cloq prepare --resume``: block by block, bounded memory, continuing a killed run."""
-    from transformers import AutoTokenizer
+    """``cloq prepare --resume``: block by block, bounded memory, continuing a killed run; the same
+    checks and the same report as the in-memory path."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    from .hf.persistence import empty_model
     from .hf.streaming import prepare_pretrained
 
     tok = AutoTokenizer.from_pretrained(model_path)
     qc, lc = _configs(args, args.init)
+    calib = _calibration(args, tok, AutoConfig.from_pretrained(model_path))
     try:
-        out = prepare_pretrained(model_path, args.out, qc, lc, calib=_calibration(args, tok), resume=True,
-                                 dtype=torch.float32, progress=not args.no_progress, tokenizer=tok,
-                                 storage_dtype=_storage_dtype(getattr(args, "dtype", "auto"), model_path))
+        out, rep = prepare_pretrained(model_path, args.out, qc, lc, calib=calib, resume=True, dtype=torch.float32,
+                                      progress=not args.no_progress, tokenizer=tok, return_report=True,
+                                      storage_dtype=_storage_dtype(getattr(args, "dtype", "auto"), model_path))
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(_cli_words(str(e))) from None
-    print(f"time: total {time.perf_counter() - t0:.1f}s | peak memory: {_peak_rss_mib():.0f} MiB resident (process)")
-    print(f"wrote {out}")
+    # the written checkpoint's skeleton on meta: its storage summary, nothing loaded
+    _print_prepared(args, rep, qc, lc, empty_model(out), torch.device("cpu"),
+                    f"capture+forward {rep.capture_s:.1f}s | quantize {rep.quantize_s:.1f}s | init {rep.init_s:.1f}s | "
+                    f"total {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -527,7 +544,7 @@ def cmd_compare(args) -> int:
         for init in args.inits:
             t0 = time.perf_counter()
             # LoftQ alternates with its own RTN quantizer; cloq+requant/+ranks are CLoQ variants (variants.py)
-            qc, lc = resolve_variant(init, LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank),
+            qc, lc = resolve_variant(init, _lora_config(args, init),
                                      QuantConfig(bits=bits, group_size=args.group_size, method=args.quantizer,
                                                  **_quant_flags(args)), base, calib)
             method = qc.method.value
@@ -655,7 +672,10 @@ def cmd_bench(args) -> int:
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
-        return int(e.code or 0)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # sys.exit("message"): Python prints it and exits 1; so do we
+        return 1
     finally:
         sys.argv = argv
     return 0

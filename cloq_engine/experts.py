@@ -26,6 +26,7 @@ from torch import nn
 from . import backends
 from .config import LoRAConfig, QuantConfig
 from .formats import QUANT_BUFFERS, PackedBuffers, QuantizedWeight, packed_rows  # noqa: F401
+from .layer_forward import backend_region, packed_forward
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +99,17 @@ class QuantExpertsFunction(torch.autograd.Function):
         dx_lora = torch.zeros_like(x_lora) if need_dx and x_lora is not None else None
         dA, dB = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
         s0 = 0
-        for e, lo, hi in _spans(ctx.counts):
-            n = hi - lo
-            dxe, dxle, dA[e], dB[e] = backend.backward(
-                dy[lo:hi], x[lo:hi], S[s0:s0 + n], layer.expert(e), lora_A[e], lora_B[e], layer.scaling,
-                x_lora=None if x_lora is None else x_lora[lo:hi], need_dx=need_dx)
-            s0 += n
-            if need_dx:
-                dx[lo:hi] = dxe
-                if dx_lora is not None:
-                    dx_lora[lo:hi] = dxle
+        with backend_region(dy.device.type):
+            for e, lo, hi in _spans(ctx.counts):
+                n = hi - lo
+                dxe, dxle, dA[e], dB[e] = backend.backward(
+                    dy[lo:hi], x[lo:hi], S[s0:s0 + n], layer.expert(e), lora_A[e], lora_B[e], layer.scaling,
+                    x_lora=None if x_lora is None else x_lora[lo:hi], need_dx=need_dx)
+                s0 += n
+                if need_dx:
+                    dx[lo:hi] = dxe
+                    if dx_lora is not None:
+                        dx_lora[lo:hi] = dxle
         return (dx if ctx.needs_input_grad[0] else None, dx_lora if ctx.needs_input_grad[1] else None,
                 dA if ctx.needs_input_grad[2] else None, dB if ctx.needs_input_grad[3] else None, None, None)
 
@@ -199,11 +201,11 @@ class QuantLoRAExperts(PackedBuffers, nn.Module):
 
     # -- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        """x [S, in] sorted by expert, ``counts[e]`` rows each -> [S, out]."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has last dimension {x.shape[-1]}; expected in_features={self.in_features}")
-        x_lora = self.lora_dropout(x) if isinstance(self.lora_dropout, nn.Dropout) and self.training else None
-        return QuantExpertsFunction.apply(x, x_lora, self.lora_A, self.lora_B, self, tuple(int(c) for c in counts))
+        """x [S, in] sorted by expert, ``counts[e]`` rows each -> [S, out] (in the autocast dtype
+        under autocast, as nn.Linear)."""
+        counts = tuple(int(c) for c in counts)
+        return packed_forward(self, x, lambda x2, x_lora: QuantExpertsFunction.apply(
+            x2, x_lora, self.lora_A, self.lora_B, self, counts))
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "

@@ -6,28 +6,16 @@ weight is ever kept between forward and backward.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import backends
 from .config import LoRAConfig, QuantConfig
 from .convert import build_layer, factor_dtype, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
 from .formats import QUANT_BUFFERS, PackedBuffers, QuantizedWeight, packed_rows  # noqa: F401 (QUANT_BUFFERS re-exported)
-
-
-
-def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast would cast ``x`` to for a linear layer (None: autocast is off on x's
-    device, or x is float64, which autocast leaves alone)."""
-    device_type = x.device.type
-    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
+from .layer_forward import autocast_dtype, backend_region, packed_forward  # noqa: F401 (autocast_dtype re-exported)
 
 
 class QuantLoRAFunction(torch.autograd.Function):
@@ -46,9 +34,7 @@ class QuantLoRAFunction(torch.autograd.Function):
         x, x_lora, S, lora_A, lora_B = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         backend = backends.get_backend(dy.device)
-        # The backends pick their own compute dtypes; a backward run inside an autocast region
-        # must not have autocast recast their float32 accumulations (as in forward).
-        with torch.autocast(dy.device.type, enabled=False):
+        with backend_region(dy.device.type):
             dx, dx_lora, dA, dB = backend.backward(
                 dy.contiguous(), x, S, ctx.qw, lora_A, lora_B, ctx.scaling, x_lora=x_lora, need_dx=need_dx
             )
@@ -178,31 +164,9 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
 
     # -- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_floating_point():  # nn.Linear raises here too; the kernels would return zeros
-            raise RuntimeError(f"QuantLoRALinear needs a floating-point input; got {x.dtype}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has last dimension {x.shape[-1]}; expected in_features={self.in_features}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        x_lora = None
-        if isinstance(self.lora_dropout, nn.Dropout) and self.training:
-            x_lora = self.lora_dropout(x2)
-        if self.perm is not None:  # the packed weight's columns are in perm order; the LoRA's are not
-            x_lora = x2 if x_lora is None else x_lora
-            x2 = x2.index_select(1, self.perm)
-        amp_dtype = autocast_dtype(x2)
-        region = contextlib.nullcontext()
-        if amp_dtype is not None:
-            # What autocast does for nn.Linear: the input in the autocast dtype, the output in it too.
-            # Autocast itself is switched off inside: it would recast the backends' float32
-            # accumulators (the C++ ops take float32/float64 only) and their LoRA products.
-            x2 = x2.to(amp_dtype)
-            x_lora = None if x_lora is None else x_lora.to(amp_dtype)
-            region = torch.autocast(x2.device.type, enabled=False)
-        with region:
-            y = QuantLoRAFunction.apply(x2, x_lora, self.lora_A, self.lora_B, self.bias, self.quantized_weight,
-                                        self.scaling)
-        return y.reshape(*lead, self.out_features)
+        qw = self.quantized_weight
+        return packed_forward(self, x, lambda x2, x_lora: QuantLoRAFunction.apply(
+            x2, x_lora, self.lora_A, self.lora_B, self.bias, qw, self.scaling), perm=self.perm)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

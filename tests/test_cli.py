@@ -83,6 +83,29 @@ def test_compare_writes_table_json_and_png(tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
 
+def test_compare_passes_the_init_flags_to_every_init(tmp_path, monkeypatch):
+    """`cloq compare` built its LoRAConfig without the init flags: they were accepted and ignored.
+    prepare_model is replaced by a recorder (the real one is tested above): the configs are the point."""
+    from cloq_engine import hf
+    from cloq_engine.hf.prepare import LayerReport, PrepareReport
+
+    seen = {}
+
+    def record(model, qc, lc, **kwargs):
+        seen[(lc.init.value, lc.requant_rounds)] = lc
+        model.cloq_report = PrepareReport(layers=[LayerReport("x", (1, 1), 0.1, 0.1, 4.0, 0.0, 0.0)])
+        return model
+
+    monkeypatch.setattr(hf, "prepare_model", record)
+    assert main(["compare", "--bits", "4", "--inits", "zero", "loftq", "cloq", "cloq+requant",
+                 "--init-solver", "exact", "--power-iters", "3", "--init-damp", "0.01", "--init-iters", "7",
+                 "--requant-rounds", "2", "--eval-samples", "4", "--samples", "2", "--seq-len", "32",
+                 "--no-progress", "--out", str(tmp_path)]) == 0
+    assert set(seen) == {("zero", 0), ("loftq", 0), ("cloq", 2), ("cloq", 3)}  # cloq+requant: its own 3 rounds
+    for lc in seen.values():
+        assert (lc.init_solver.value, lc.init_power_iters, lc.init_damp, lc.init_iters) == ("exact", 3, 0.01, 7)
+
+
 def test_finetune_runs_trainer_and_saves_adapter(tmp_path):
     ckpt = tmp_path / "ckpt"
     assert _run("prepare", "--bits", "2", "--init", "zero", "--quantizer", "rtn", "--out", str(ckpt), *FAST)[0] == 0
@@ -415,3 +438,16 @@ def test_eval_says_when_the_recorded_base_model_is_not_on_this_machine():
 
     with pytest.raises(commands.CLIError, match=r"\(/elsewhere/model\) is not on this machine .*pass --base DIR"):
         commands._base_model(None, {"base_model": "/elsewhere/model"})
+
+
+def test_a_benchmark_exiting_with_a_message_prints_it_as_is_and_exits_1(tmp_path, capsys):
+    """A string SystemExit from a benchmark (benchmarks/finetune.py refusing a study of other settings)
+    was passed to int() and the message printed wrapped in "invalid literal for int()"."""
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "settings.json").write_text('{"rank": 999}')
+    (out / "runs.jsonl").write_text("")
+    assert main(["bench", "finetune", "--out", str(out)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("cloq bench finetune: error: ") and "holds a study with other settings" in last
+    assert "invalid literal" not in last and last.count("error:") == 1

@@ -144,7 +144,7 @@ def test_backend_env_var_is_read_at_call_time(monkeypatch):
 # Autocast: every backend returns what nn.Linear returns under the same autocast
 # ---------------------------------------------------------------------------------------------
 AMP_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}  # bf16 keeps 8 mantissa bits, fp16 11
-# The Triton interpreter computes bf16 wrongly on CPU (DESIGN.md section 6): fp16 only there.
+# The Triton interpreter computes bf16 wrongly on CPU (docs/design.md §6, "The Triton interpreter"): fp16 only there.
 AUTOCAST_CASES = [(b, d) for b in ("torch", "cpp", "triton") for d in (torch.bfloat16, torch.float16)
                   if not (b == "triton" and d == torch.bfloat16)]
 

@@ -124,6 +124,21 @@ def underdetermined_layers(model: nn.Module, targets: List[str], tokens: int) ->
     return out
 
 
+def warn_underdetermined(model: nn.Module, targets: List[str], tokens: int, quant_config, lora_config) -> Dict[str, int]:
+    """Warn (once, naming the worst layer) when a calibrated method gets fewer tokens than some
+    target's in_features; returns those targets (the report's ``underdetermined``)."""
+    if not tokens or not isinstance(quant_config, QuantConfig) or not needs_calibration(quant_config, lora_config):
+        return {}
+    thin = underdetermined_layers(model, targets, tokens)
+    if thin:
+        worst = max(thin.values())
+        logger.warning("calibration has %d tokens, fewer than in_features of %d layer(s) (up to %d, e.g. %r): "
+                       "H is singular there and the calibrated errors fit the calibration data itself; "
+                       "use at least %d tokens (more samples or longer ones)",
+                       tokens, len(thin), worst, next(iter(thin)), worst)
+    return thin
+
+
 def untargeted_weights(model: nn.Module, targets: List[str], lora_config: LoRAConfig) -> List[str]:
     """Weight matrices preparation leaves in full precision that are not plain leftovers: stacked
     (3-D) tensors that are not targeted expert projections, and 2-D weights of modules that are
@@ -214,15 +229,7 @@ def guarded(prepare):
         targets = find_targets(model, lora_config)
         calib = None if calib is None else list(calib)
         tokens = check_calibration(model, calib) if calib else 0
-        thin = {}
-        if calib and isinstance(quant_config, QuantConfig) and needs_calibration(quant_config, lora_config):
-            thin = underdetermined_layers(model, targets, tokens)
-            if thin:
-                worst = max(thin.values())
-                logger.warning("calibration has %d tokens, fewer than in_features of %d layer(s) (up to %d, e.g. %r): "
-                               "H is singular there and the calibrated errors fit the calibration data itself; "
-                               "use at least %d tokens (more samples or longer ones)",
-                               tokens, len(thin), worst, next(iter(thin)), worst)
+        thin = warn_underdetermined(model, targets, tokens, quant_config, lora_config)
         untargeted = warn_untargeted(model, targets, lora_config)
         snapshot = _Snapshot(model, targets)
         try:

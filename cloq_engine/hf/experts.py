@@ -1,7 +1,7 @@
 """Mixture-of-experts in a Hugging Face model: which expert projections to quantize, their
 per-expert calibration, and building the packed :class:`~cloq_engine.experts.QuantLoRAExperts`.
 
-Calibration per expert (DESIGN.md §9): during the sequential pass a recorder on each experts
+Calibration per expert (docs/design.md §7): during the sequential pass a recorder on each experts
 module (called by :func:`cloq_engine.experts.experts_forward` with the tokens sorted by the
 router's top-k choice) adds the rows routed to expert e into that expert's own Gram matrix
 ``H_e``. The (gate_)up projection of all experts is calibrated first and swapped in, then the down

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..layer_forward import packed_forward
 from ..nn import QuantLoRAFunction, QuantLoRALinear
 from .experts import peft_expert_factors, peft_wrapper_prefixes, quant_experts
 from .merge import conv1d_names, quant_layers
@@ -207,11 +208,11 @@ def export_peft_adapter(model: nn.Module, save_directory, overwrite: bool = Fals
 # PEFT custom module
 # ---------------------------------------------------------------------------------------------
 def quantized_forward(layer: QuantLoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """x·Ŵ^T + bias: the layer without its own LoRA branch (gradients still reach x)."""
-    lead = x.shape[:-1]
-    y = QuantLoRAFunction.apply(x.reshape(-1, layer.in_features), None, layer.lora_A.detach(),
-                                layer.lora_B.detach(), layer.bias, layer.quantized_weight, 0.0)
-    return y.reshape(*lead, layer.out_features)
+    """x·Ŵ^T + bias: the layer without its own LoRA branch (gradients still reach x), through the
+    layer's own forward wrapper (input checks, act-order permutation, autocast)."""
+    qw = layer.quantized_weight
+    return packed_forward(layer, x, lambda x2, x_lora: QuantLoRAFunction.apply(
+        x2, x_lora, layer.lora_A.detach(), layer.lora_B.detach(), layer.bias, qw, 0.0), perm=layer.perm, dropout=False)
 
 
 @functools.lru_cache(maxsize=1)

@@ -228,7 +228,7 @@ def run_sequential(model: nn.Module, targets: List[str], batches: List[dict], bu
                    true_sequential: bool = True, progress: bool = False, start: int = 0,
                    before_block: Optional[BlockHook] = None, after_block: Optional[BlockHook] = None,
                    expert_targets: Sequence[str] = ()) -> None:
-    """Prepare ``targets`` block by block (DESIGN.md §2).
+    """Prepare ``targets`` block by block (docs/design.md §2).
 
     ``expert_targets`` (packed MoE projections, ``hf/experts.py``) of a block are prepared after
     its linear layers, each expert on the tokens the router sends to it.

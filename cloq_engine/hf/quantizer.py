@@ -99,6 +99,8 @@ def _classes():
             mark_trainable(model)
             model.cloq_config = {"quant": qc.quant_config.to_dict(), "lora": qc.lora_config.to_dict(),
                                  "targets": list(qc.targets)}
+            if qc.base_model:  # kept through a re-save: `cloq eval` and PEFT export find the original there
+                model.cloq_config["base_model"] = qc.base_model
             return model
 
         def _dequantize(self, model, dtype=None):

@@ -17,10 +17,12 @@ the finished blocks, rewritten atomically after each block). ``<out>`` itself ap
 everything is written, by an atomic rename, so an interrupted run never leaves something that
 looks like a checkpoint. ``resume=True`` reloads the finished blocks from ``<out>.partial/`` (and
 runs them forward to rebuild the next block's inputs) and continues; it refuses a partial output
-of a different run.
+of a different run. Each finished block's rows of the prepare report are kept beside it
+(``block-NNNNN.report.json``), so a resumed run reports every layer, as an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +30,7 @@ import os
 import shutil
 import struct
 import time
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -44,8 +46,9 @@ from .record import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, empty_quant_laye
                      same_view, state_nbytes, storage_key, superseded_weights, tensor_checksum)
 from ..experts import use_cloq_experts
 from . import experts as moe
-from .prepare import (REPORT_MODES, LayerBuilder, PrepareReport, check_layers, finish, needs_calibration,
-                      prepare_experts, run_sequential)
+from .checks import check_calibration, warn_underdetermined, warn_untargeted
+from .prepare import (REPORT_MODES, BlockReport, ExpertReport, LayerBuilder, LayerReport, PrepareReport, check_layers,
+                      finish, needs_calibration, prepare_experts, run_sequential)
 from .targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -222,6 +225,44 @@ def _block_file(partial: str, i: int) -> str:
     return os.path.join(partial, f"block-{i:05d}.safetensors")
 
 
+def _report_file(data_file: str) -> str:
+    """The report rows of a finished block (or of the tail) live beside its tensors."""
+    return data_file.rsplit(".", 1)[0] + ".report.json"
+
+
+_ROWS = (("layers", LayerReport), ("experts", ExpertReport), ("blocks", BlockReport))
+
+
+class _ReportRows:
+    """The rows of a PrepareReport added since the last :meth:`save`, written beside a finished
+    block; :meth:`load` puts an earlier run's rows back, in order."""
+
+    def __init__(self, report: PrepareReport):
+        self.report = report
+        self.mark()
+
+    def mark(self) -> None:
+        self.seen = {k: len(getattr(self.report, k)) for k, _ in _ROWS}
+
+    def save(self, data_file: str) -> None:
+        rows = {k: [dataclasses.asdict(r) for r in getattr(self.report, k)[self.seen[k]:]] for k, _ in _ROWS}
+        _write_json_atomic(rows, _report_file(data_file))
+        self.mark()
+
+    def load(self, data_file: str) -> None:
+        path = _report_file(data_file)
+        if not os.path.isfile(path):  # written by a version that did not keep them
+            return
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+        for k, cls in _ROWS:
+            for r in rows.get(k, []):
+                if "shape" in r:
+                    r["shape"] = tuple(r["shape"])
+                getattr(self.report, k).append(cls(**r))
+        self.mark()
+
+
 def _outside_state(model: nn.Module, stack_name: str):
     """State dict entries outside the block stack, each tensor once (tied ones as aliases)."""
     state, aliases, seen = {}, {}, {}
@@ -243,7 +284,8 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
                        calib: Optional[Iterable] = None, *, resume: bool = False, device=None,
                        dtype: Optional[torch.dtype] = None, true_sequential: bool = True, batch_size: int = 8,
                        report: str = "sampled", progress: bool = False, tokenizer=None,
-                       storage_dtype: Optional[torch.dtype] = None) -> str:
+                       storage_dtype: Optional[torch.dtype] = None,
+                       return_report: bool = False) -> Union[str, Tuple[str, PrepareReport]]:
     """Prepare the Hugging Face checkpoint at ``model_path`` block by block and write the prepared
     checkpoint to ``out`` (as :func:`save_pretrained` would), in bounded memory.
 
@@ -252,7 +294,12 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     ``storage_dtype`` (of the dense tensors written, embeddings, norms, biases; default ``dtype``;
     the LoRA factors keep their ``lora_dtype``) and ``resume`` (continue from ``<out>.partial/``
     after an interruption; otherwise any partial output is discarded).
-    Returns the absolute path of ``out``.
+    The calibration data is checked as :func:`prepare_model` checks it (token ids in the
+    vocabulary, samples no longer than the model's positions, a warning when fewer tokens than a
+    target's in_features).
+    Returns the absolute path of ``out``; with ``return_report=True``, ``(path, report)``: the
+    :class:`PrepareReport` that :func:`prepare_model` leaves in ``model.cloq_report`` (a resumed
+    run's includes the blocks an earlier run finished).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -293,6 +340,10 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
         raise ValueError(f"expert targets outside the block stack {outside_experts[:3]} need the whole model in "
                          "memory: exclude them or use prepare_model")
     reader.check_finite()  # before any calibration: a NaN would surface only when its block is reached
+    calib = None if calib is None else list(calib)
+    tokens = check_calibration(model, calib) if calib else 0  # the meta model has the vocabulary and positions
+    underdetermined = warn_underdetermined(model, targets, tokens, quant_config, lora_config)
+    untargeted = warn_untargeted(model, targets, lora_config)
     batches = [] if calib is None else calib_mod.batch_samples(calib, batch_size, device)
     if not batches and needs_calibration(quant_config, lora_config):
         raise ValueError(f"method={quant_config.method.value!r} with init={lora_config.init.value!r} needs "
@@ -308,7 +359,10 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     fingerprint = _fingerprint(model_path, quant_config, lora_config, targets + expert_targets, batches,
                                true_sequential, batch_size, dtype if storage_dtype is None else f"{dtype}->{storage_dtype}")
     start = _open_partial(partial, fingerprint, resume, len(blocks))
-    rep = PrepareReport()
+    rep = PrepareReport(calib_tokens=tokens, underdetermined=underdetermined, full_precision=untargeted)
+    rows = _ReportRows(rep)
+    for i in range(start):
+        rows.load(_block_file(partial, i))
     builder = LayerBuilder(quant_config, lora_config, rep, report)
     loaded = set()
 
@@ -349,6 +403,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
             state = stored_state({prefix + k: v for k, v in block.state_dict().items()}, storage_dtype, QUANT_BUFFERS)
             _check_space(partial, state)
             _save_atomic(state, _block_file(partial, i))
+            rows.save(_block_file(partial, i))
             _write_json_atomic({"fingerprint": fingerprint, "blocks": len(blocks), "done": i + 1},
                                os.path.join(partial, MANIFEST))
         block.to("meta")  # free it: the next block's inputs are computed
@@ -382,9 +437,11 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(tail, device=str(device)), strict=False, assign=True)
+        rows.load(tail)
     elif outside_targets:
         _check_space(partial, {k: v for t in outside_targets for k, v in _prefixed(model, t).items()})
         _save_atomic({k: v for t in outside_targets for k, v in _prefixed(model, t).items()}, tail)
+        rows.save(tail)
     rep.total_s = time.perf_counter() - t0
 
     finish(model, quant_config, lora_config, targets + expert_targets)
@@ -405,7 +462,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     write_dir_atomically(out, write, nbytes=nbytes, superseded=superseded_weights)
     shutil.rmtree(partial, ignore_errors=True)
     logger.info("prepared %d blocks of %s into %s in %.1f s", len(blocks), model_path, out, rep.total_s)
-    return out
+    return (out, rep) if return_report else out
 
 
 def _prefixed(model: nn.Module, name: str) -> Dict[str, torch.Tensor]:

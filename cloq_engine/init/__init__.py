@@ -1,4 +1,4 @@
-"""LoRA initialisation from ``(W, Q, H)``: cloq | quailora | loftq | svd | zero (DESIGN.md §4).
+"""LoRA initialisation from ``(W, Q, H)``: cloq | quailora | loftq | svd | zero (docs/design.md §4).
 
 * :func:`init_lora` computes factors for a given quantized weight: ``scaling·B·A ≈ W - Q`` in the
   calibrated norm ``tr(M H M^T)``.

@@ -1,4 +1,4 @@
-"""CLoQ: the closed-form optimum of ``tr(M H M^T)`` over rank-r ``s·B·A`` (DESIGN.md §4).
+"""CLoQ: the closed-form optimum of ``tr(M H M^T)`` over rank-r ``s·B·A`` (docs/design.md §4).
 
 ``H + λI = L L^T``, ``E = R·L`` with ``R = W - Q``, ``[E]_r = U Σ V^T``; then ``s·B·A = [E]_r L^{-1}``
 with the balanced split ``B = U Σ^{1/2} / √s``, ``A = Σ^{1/2} V^T L^{-1} / √s`` (a triangular solve).

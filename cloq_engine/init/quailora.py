@@ -1,4 +1,4 @@
-"""QuAILoRA: alternating least squares on ``tr(M H M^T)``, ``M = R - P·A``, ``P = s·B`` (DESIGN.md §4).
+"""QuAILoRA: alternating least squares on ``tr(M H M^T)``, ``M = R - P·A``, ``P = s·B`` (docs/design.md §4).
 
 Start from the rank-r SVD of ``R = W - Q`` (uncalibrated), then repeat
 

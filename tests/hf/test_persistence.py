@@ -97,6 +97,23 @@ def test_from_pretrained_dtype_keeps_packed_buffers_and_resave_round_trips(tmp_p
         assert torch.equal(logits(loaded, IDS), logits(model, IDS))
 
 
+def test_a_resave_after_transformers_from_pretrained_keeps_the_base_model(tmp_path):
+    """The cloq_config rebuilt after transformers' from_pretrained dropped `base_model`, so a re-save
+    lost it (and `cloq eval` of the re-saved checkpoint needed --base)."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    base.mkdir()
+    model = copy.deepcopy(prepared("llama"))
+    model.cloq_config["base_model"] = str(base)
+    path = ce.save_pretrained(model, tmp_path / "ck")
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert loaded.cloq_config["base_model"] == str(base)
+    resaved = ce.save_pretrained(loaded, tmp_path / "resaved")
+    assert persistence.read_config(resaved)["quantization_config"]["base_model"] == str(base)
+    assert ce.load_pretrained(resaved).cloq_config["base_model"] == str(base)
+
+
 @pytest.mark.parametrize("source", ["attach_quantization_config", "load_pretrained"])
 def test_transformers_save_pretrained_keeps_the_quantization_record(source, tmp_path):
     from transformers import AutoModelForCausalLM

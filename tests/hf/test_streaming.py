@@ -28,13 +28,19 @@ def _llama(path, blocks=3, hidden=64, inter=128, shard="200KB"):
     return model
 
 
-def _in_memory(src, out, qc, lc, calib):
+def _in_memory(src, out, qc, lc, calib, with_report=False):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     torch.manual_seed(0)
     ce.prepare_model(model, qc, lc, calib=calib)
-    return ce.save_pretrained(model, out)
+    path = ce.save_pretrained(model, out)
+    return (path, model.cloq_report) if with_report else path
+
+
+def _rows(report):
+    """What the per-layer table prints (timings aside)."""
+    return [(r.name, r.shape, r.err_quant, r.err_init, r.bits_per_weight) for r in report.layers]
 
 
 def _assert_same(a, b):
@@ -49,8 +55,8 @@ def source(tmp_path_factory):
     d = tmp_path_factory.mktemp("src")
     _llama(d / "model")
     assert os.path.isfile(d / "model" / "model.safetensors.index.json")  # really sharded
-    ref = _in_memory(d / "model", d / "ref", QC, LC, tiny_calib(4))
-    return d / "model", ref
+    ref, report = _in_memory(d / "model", d / "ref", QC, LC, tiny_calib(4), with_report=True)
+    return d / "model", ref, report
 
 
 def _outside_source(path, kind):
@@ -114,11 +120,33 @@ def test_nan_in_the_shards_is_refused_before_any_block_naming_every_tensor(tmp_p
     assert not os.path.exists(str(tmp_path / "out") + streaming.PARTIAL_SUFFIX)
 
 
-def test_streaming_equals_in_memory_bitwise(source, tmp_path):
-    src, ref = source
-    out = streaming.prepare_pretrained(src, tmp_path / "out", QC, LC, calib=tiny_calib(4))
+def test_streaming_equals_in_memory_bitwise_and_reports_the_same(source, tmp_path):
+    src, ref, ref_report = source
+    out, report = streaming.prepare_pretrained(src, tmp_path / "out", QC, LC, calib=tiny_calib(4), return_report=True)
     assert not os.path.exists(str(out) + streaming.PARTIAL_SUFFIX)
     _assert_same(out, ref)
+    assert _rows(report) == _rows(ref_report) and len(report.layers) == 21
+    assert (report.calib_tokens, report.underdetermined) == (ref_report.calib_tokens, ref_report.underdetermined)
+
+
+@pytest.mark.parametrize("sample, message", [
+    (torch.tensor([[5, 200, 7]]), r"calibration sample 1 has token id 200 outside the model's vocabulary \(vocab_size=128\)"),
+    (torch.randint(3, 128, (1, 65)), r"calibration sample 1 has 65 tokens; the model's max_position_embeddings is 64"),
+])
+def test_streaming_refuses_bad_calibration_before_any_block(source, tmp_path, sample, message):
+    """Before: no calibration check (a token id outside the vocabulary failed in block 0's embedding)."""
+    src = source[0]
+    with pytest.raises(ValueError, match=message):
+        streaming.prepare_pretrained(src, tmp_path / "out", QC, LC, calib=[tiny_calib(1)[0], sample])
+    assert not os.path.exists(str(tmp_path / "out") + streaming.PARTIAL_SUFFIX)
+
+
+def test_streaming_warns_when_calibration_is_underdetermined(source, tmp_path, caplog):
+    src, _, _ = source
+    out, report = streaming.prepare_pretrained(src, tmp_path / "out", QC, LC, calib=tiny_calib(1, seq_len=16),
+                                               return_report=True)
+    assert "calibration has 16 tokens, fewer than in_features of 21 layer(s) (up to 128" in caplog.text
+    assert report.calib_tokens == 16 and len(report.underdetermined) == 21
 
 
 _KILLER = """
@@ -141,7 +169,7 @@ streaming.prepare_pretrained({src!r}, {out!r}, ce.QuantConfig(bits=2, group_size
 
 
 def test_sigkill_then_resume_is_bitwise_an_uninterrupted_run(source, tmp_path):
-    src, ref = source
+    src, ref, ref_report = source
     out = tmp_path / "out"
     script = _KILLER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), src=str(src), out=str(out), kill=2)
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": ROOT},
@@ -156,8 +184,9 @@ def test_sigkill_then_resume_is_bitwise_an_uninterrupted_run(source, tmp_path):
     with pytest.raises(ValueError, match="different run"):
         streaming.prepare_pretrained(src, out, QC, ce.LoRAConfig(rank=2, init="cloq"), calib=tiny_calib(4),
                                      resume=True)
-    streaming.prepare_pretrained(src, out, QC, LC, calib=tiny_calib(4), resume=True)
+    _, report = streaming.prepare_pretrained(src, out, QC, LC, calib=tiny_calib(4), resume=True, return_report=True)
     _assert_same(out, ref)
+    assert _rows(report) == _rows(ref_report)  # the blocks the killed run finished are reported too
 
 
 _MEASURE = """
@@ -212,17 +241,27 @@ def test_bounded_memory_prepare_equals_in_memory(tmp_path):
     _assert_same(tmp_path / "out", _in_memory(tmp_path / "big", tmp_path / "ref", qc, lc, None))
 
 
-def test_cli_prepare_resume_writes_a_loadable_checkpoint(tmp_path):
-    """`cloq prepare --resume` on a causal LM directory (MiniLM's tokenizer, a tiny Llama)."""
+def test_cli_prepare_resume_writes_a_loadable_checkpoint_and_prints_the_report(tmp_path, capsys):
+    """`cloq prepare --resume` on a causal LM directory (MiniLM's tokenizer, a tiny Llama). Before: no
+    per-layer table, no summary, and --seq-len past the model's positions was not refused up front."""
     from cloq_engine import cli
 
     tiny_llama_dir(tmp_path / "m")
     argv = ["prepare", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out"), "--resume", "--bits", "2",
             "--group-size", "32", "--rank", "4", "--samples", "4", "--seq-len", "32", "--no-progress"]
-    assert cli.main(argv) == 0
+    assert cli.main(argv[:-2] + ["128", "--no-progress"]) == 1
+    assert "--seq-len 128 exceeds the model's max_position_embeddings=64" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(str(tmp_path / "out") + ".partial")
+    assert cli.main(argv + ["--json"]) == 0
     model = ce.load_pretrained(tmp_path / "out")
     assert len(model.cloq_config["targets"]) == 14
     assert os.path.isfile(tmp_path / "out" / "tokenizer_config.json")
+    stdout = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in stdout and "14 layers, 2-bit gptq g32, init=cloq rank=4" in stdout
+    assert "storage: " in stdout and "wrote " in stdout
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert sorted(r["name"] for r in report["layers"]) == sorted(model.cloq_config["targets"])
+    assert report["calib_tokens"] == 4 * 32
 
 
 def test_storage_dtype_streams_as_the_in_memory_prepare_cast_after_calibration(source, tmp_path, monkeypatch):
