@@ -147,8 +147,17 @@ def read_config(path: str) -> dict:
     return d
 
 
+def owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in memory of its own, as torch allocates it (64-byte aligned), not a view into the
+    safetensors file's mmap: a tensor there starts at any 8-byte boundary, and BLAS kernels may
+    sum in another order for a misaligned operand (MKL's SSE4.2 path does), so a loaded model
+    would compute differently from the one saved, by rounding (docs/design.md §6)."""
+    return t.clone() if t.device.type == "cpu" else t
+
+
 def read_safetensors(file: str, device="cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """(tensors, aliases) of a checkpoint file, with errors naming the file and the problem."""
+    """(tensors, aliases) of a checkpoint file, with errors naming the file and the problem; every
+    tensor in memory of its own (:func:`owned`)."""
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(file):
@@ -156,7 +165,7 @@ def read_safetensors(file: str, device="cpu") -> Tuple[Dict[str, torch.Tensor], 
     try:
         with safe_open(file, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: owned(f.get_tensor(k)) for k in f.keys()}
     except SafetensorError as e:
         raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
     try:

@@ -41,7 +41,7 @@ from ..convert import cast_dense, mark_trainable, replace_modules, stored_state
 from ..formats import QUANT_BUFFERS
 from .output_dir import check_free_space, write_dir_atomically
 from .fit import fit_ranks, warn_tied_heads
-from .persistence import model_class_for, read_generation_config, write_side_files
+from .persistence import model_class_for, owned, read_generation_config, write_side_files
 from .record import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, empty_quant_layer, hf_config_dict, quantization_record,
                      same_view, state_nbytes, storage_key, superseded_weights, tensor_checksum)
 from ..experts import use_cloq_experts
@@ -107,7 +107,7 @@ class ShardReader:
         for file, keys in by_file.items():
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for k in keys:
-                    out[k] = f.get_tensor(k)
+                    out[k] = owned(f.get_tensor(k))  # computed on: as the in-memory path's tensors
         return out
 
 
@@ -380,7 +380,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
             from safetensors.torch import load_file
 
             state = load_file(_block_file(partial, i), device=str(device))
-            block.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True, assign=True)
+            block.load_state_dict({k[len(prefix):]: owned(v) for k, v in state.items()}, strict=True, assign=True)
             if storage_dtype is not None:  # stored in storage_dtype; it runs forward in dtype as in the first run
                 cast_dense(block, dtype)
         else:
@@ -436,7 +436,8 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
                                 for t in outside_targets})
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(tail, device=str(device)), strict=False, assign=True)
+        model.load_state_dict({k: owned(v) for k, v in load_file(tail, device=str(device)).items()}, strict=False,
+                              assign=True)
         rows.load(tail)
     elif outside_targets:
         _check_space(partial, {k: v for t in outside_targets for k, v in _prefixed(model, t).items()})

@@ -96,6 +96,40 @@ def test_save_load_is_bitwise_and_checksummed(arch, tmp_path):
         [n for n, p in model.named_parameters() if p.requires_grad]
     x = tiny_moe_calib(1, seed=3)[0]
     assert torch.equal(model(x).logits, loaded(x).logits)
+    # in memory of their own, as the saved model's: not views at 8-byte offsets into the file's mmap
+    assert all(t.data_ptr() % 64 == 0 for t in b.values() if t.numel())
+
+
+_ROUND_TRIP = """
+import sys, tempfile
+sys.path[:0] = [{tests!r}, {hf_tests!r}]
+import torch
+import cloq_engine as ce
+from test_hf_experts import prepared_rtn
+from tiny_moe import tiny_moe_calib
+model = prepared_rtn("gpt_oss")
+loaded = ce.load_pretrained(ce.save_pretrained(model, tempfile.mkdtemp() + "/ck"))
+x = tiny_moe_calib(1, seed=3)[0]
+with torch.no_grad():
+    print((model(x).logits - loaded(x).logits).abs().max().item())
+"""
+
+
+@pytest.mark.slow
+def test_save_load_is_bitwise_where_blas_depends_on_alignment():
+    """The reported failure (reloaded gpt-oss logits 2e-7 off, deterministically): MKL's SSE4.2
+    kernels (what MKL picks on some CPUs; forced here) sum differently for operands that are not
+    16-byte aligned, and the loaded tensors were views into the safetensors mmap at 8-byte offsets."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = _ROUND_TRIP.format(tests=os.path.dirname(here), hf_tests=here)
+    env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert float(p.stdout.strip().splitlines()[-1]) == 0.0
 
 
 def test_corrupted_expert_tensor_is_refused_by_name(tmp_path):
