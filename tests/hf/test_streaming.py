@@ -271,7 +271,7 @@ def test_storage_dtype_streams_as_the_in_memory_prepare_cast_after_calibration(s
 
     from cloq_engine.convert import cast_dense
 
-    src, _ = source
+    src = source[0]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     torch.manual_seed(0)
     ce.prepare_model(model, QC, LC, calib=tiny_calib(4))
