@@ -13,6 +13,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ..convert import is_factor
 from ..nn import QuantLoRALinear, is_conv1d
 from .experts import densify_experts, quant_experts
 from .targets import replace_modules
@@ -113,7 +114,7 @@ def _forget_quantization(model: nn.Module) -> None:
 def dense_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating parameter that is not a LoRA factor (its embeddings)."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and "lora_" not in name.rpartition(".")[2]:
+        if p.is_floating_point() and not is_factor(name):
             return p.dtype
     return torch.float32
 
