@@ -1,11 +1,12 @@
 # Two commands do everything on a fresh machine (Python >= 3.10 and a C++ compiler assumed):
 #   make demo   set up .venv, then run the main job on the embedded default model
-#   make test   set up .venv, then run the whole test suite
+#   make test   set up .venv, then run the whole test suite (what CI runs)
+#   make test-fast   the everyday tier: everything not marked slow
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cloq-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,9 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu" tests
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/cloq bench quantize

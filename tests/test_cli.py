@@ -46,6 +46,7 @@ def test_bad_arguments_exit_2_with_one_line_naming_the_argument(argv, word, caps
     assert word in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_prepare_then_eval_on_embedded_default(tmp_path, capsys):
     out = tmp_path / "ckpt"
     code, stdout, stderr = _run("prepare", "--bits", "4", "--group-size", "64", "--out", str(out), *FAST)
@@ -65,6 +66,7 @@ def test_prepare_then_eval_on_embedded_default(tmp_path, capsys):
     assert json.loads(captured.out.strip().splitlines()[-1])["score"]["spearman"] is None
 
 
+@pytest.mark.slow
 def test_failed_prepare_leaves_nothing_at_out(tmp_path, capsys):
     out = tmp_path / "ckpt"
     text = tmp_path / "tiny.txt"
@@ -94,6 +96,7 @@ def test_compare_writes_table_json_and_png(tmp_path, capsys):
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_compare_passes_the_init_flags_to_every_init(tmp_path, monkeypatch):
     """`cloq compare` built its LoRAConfig without the init flags: they were accepted and ignored.
     prepare_model is replaced by a recorder (the real one is tested above): the configs are the point."""
@@ -117,6 +120,7 @@ def test_compare_passes_the_init_flags_to_every_init(tmp_path, monkeypatch):
         assert (lc.init_solver.value, lc.init_power_iters, lc.init_damp, lc.init_iters) == ("exact", 3, 0.01, 7)
 
 
+@pytest.mark.slow
 def test_finetune_runs_trainer_and_saves_adapter(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     assert _main(capsys, "prepare", "--bits", "2", "--init", "zero", "--quantizer", "rtn", "--out", str(ckpt),
@@ -147,6 +151,7 @@ def tiny_causal_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_decoder_prepare_eval_finetune_report_perplexity(tiny_causal_dir, tmp_path, capsys):
     ck = tmp_path / "ck"
     code, _, stderr = _main(capsys, "prepare", "--model", str(tiny_causal_dir), "--bits", "4", "--group-size", "32",
@@ -213,6 +218,7 @@ def test_finetune_refuses_to_write_over_its_checkpoint(tmp_path, capsys):
     assert "inside the input" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_too_little_calibration_is_not_reported_as_a_success(tmp_path, capsys):
     assert main(["prepare", "--out", str(tmp_path / "ck"), "--samples", "2", "--seq-len", "64", "--no-progress"]) == 0
     out = capsys.readouterr().out
