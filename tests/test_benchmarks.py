@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -16,6 +18,7 @@ def _load(name):
     return mod
 
 
+@pytest.mark.slow
 def test_train_smoke_writes_a_row_per_variant(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLOQ_BACKEND", "torch")  # the smoke run sets it; restored after the test
     out = tmp_path / "train.json"
@@ -40,6 +43,7 @@ def test_train_without_a_gpu_says_so_and_succeeds(monkeypatch, capsys):
     assert "no GPU" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_kernels_smoke_runs_every_path(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLOQ_BACKEND", "triton")  # the smoke run sets both; restored after the test
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -19,6 +19,15 @@ def _run(*argv):
     return p.returncode, p.stdout, p.stderr
 
 
+def _main(capsys, *argv):
+    """The same in this process (no interpreter start-up, no second import of torch and transformers):
+    for every command but the end-to-end test of the console entry point above."""
+    capsys.readouterr()
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.mark.parametrize("argv, word", [
     (["prepare", "--bits", "5", "--out", "x"], "--bits"),
     (["prepare", "--group-size", "48", "--out", "x"], "--group-size"),
@@ -37,6 +46,7 @@ def test_bad_arguments_exit_2_with_one_line_naming_the_argument(argv, word, caps
     assert word in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_prepare_then_eval_on_embedded_default(tmp_path, capsys):
     out = tmp_path / "ckpt"
     code, stdout, stderr = _run("prepare", "--bits", "4", "--group-size", "64", "--out", str(out), *FAST)
@@ -56,26 +66,29 @@ def test_prepare_then_eval_on_embedded_default(tmp_path, capsys):
     assert json.loads(captured.out.strip().splitlines()[-1])["score"]["spearman"] is None
 
 
-def test_failed_prepare_leaves_nothing_at_out(tmp_path):
+@pytest.mark.slow
+def test_failed_prepare_leaves_nothing_at_out(tmp_path, capsys):
     out = tmp_path / "ckpt"
     text = tmp_path / "tiny.txt"
     text.write_text("Too short to calibrate.\n")
-    code, _, stderr = _run("prepare", "--calib", str(text), "--out", str(out), *FAST)
+    code, _, stderr = _main(capsys, "prepare", "--calib", str(text), "--out", str(out), *FAST)
     assert code == 1 and "too little calibration data" in stderr and "Traceback" not in stderr
     assert not out.exists() and not any(tmp_path.glob("ckpt*tmp*"))
 
 
-def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
-    code, _, stderr = _run("eval", str(bad))
+    code, _, stderr = _main(capsys, "eval", str(bad))
     assert code == 1 and "Traceback" not in stderr and "error" in stderr
 
 
-def test_compare_writes_table_json_and_png(tmp_path):
-    code, stdout, stderr = _run("compare", "--bits", "2", "--inits", "zero", "cloq", "--eval-samples", "32",
-                                "--out", str(tmp_path), *FAST)
+@pytest.mark.slow
+def test_compare_writes_table_json_and_png(tmp_path, capsys):
+    # RTN: the table, JSON and plot are the point here; GPTQ of every layer is tested elsewhere
+    code, stdout, stderr = _main(capsys, "compare", "--bits", "2", "--inits", "zero", "cloq", "--quantizer", "rtn",
+                                 "--eval-samples", "16", "--out", str(tmp_path), *FAST)
     assert code == 0, stderr
     res = json.load(open(tmp_path / "compare.json"))
     by_init = {r["init"]: r for r in res["results"]}
@@ -83,6 +96,7 @@ def test_compare_writes_table_json_and_png(tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_compare_passes_the_init_flags_to_every_init(tmp_path, monkeypatch):
     """`cloq compare` built its LoRAConfig without the init flags: they were accepted and ignored.
     prepare_model is replaced by a recorder (the real one is tested above): the configs are the point."""
@@ -106,10 +120,12 @@ def test_compare_passes_the_init_flags_to_every_init(tmp_path, monkeypatch):
         assert (lc.init_solver.value, lc.init_power_iters, lc.init_damp, lc.init_iters) == ("exact", 3, 0.01, 7)
 
 
-def test_finetune_runs_trainer_and_saves_adapter(tmp_path):
+@pytest.mark.slow
+def test_finetune_runs_trainer_and_saves_adapter(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    assert _run("prepare", "--bits", "2", "--init", "zero", "--quantizer", "rtn", "--out", str(ckpt), *FAST)[0] == 0
-    code, stdout, stderr = _run("finetune", str(ckpt), "--steps", "3", "--batch-size", "4", "--seq-len", "32",
+    assert _main(capsys, "prepare", "--bits", "2", "--init", "zero", "--quantizer", "rtn", "--out", str(ckpt),
+                 *FAST)[0] == 0
+    code, stdout, stderr = _main(capsys, "finetune", str(ckpt), "--steps", "3", "--batch-size", "4", "--seq-len", "32",
                                 "--out", str(tmp_path / "ft"), "--json")
     assert code == 0, stderr
     res = json.loads(stdout.strip().splitlines()[-1])
@@ -135,18 +151,19 @@ def tiny_causal_dir(tmp_path_factory):
     return path
 
 
-def test_decoder_prepare_eval_finetune_report_perplexity(tiny_causal_dir, tmp_path):
+@pytest.mark.slow
+def test_decoder_prepare_eval_finetune_report_perplexity(tiny_causal_dir, tmp_path, capsys):
     ck = tmp_path / "ck"
-    code, _, stderr = _run("prepare", "--model", str(tiny_causal_dir), "--bits", "4", "--group-size", "32",
+    code, _, stderr = _main(capsys, "prepare", "--model", str(tiny_causal_dir), "--bits", "4", "--group-size", "32",
                            "--out", str(ck), "--samples", "4", "--seq-len", "32", "--no-progress")
     assert code == 0, stderr
     assert "Loading weights" not in stderr  # transformers' own bar obeys --no-progress too
-    code, stdout, stderr = _run("eval", str(ck), "--samples", "4", "--json")
+    code, stdout, stderr = _main(capsys, "eval", str(ck), "--samples", "4", "--json")
     assert code == 0, stderr
     res = json.loads(stdout.strip().splitlines()[-1])
     ppl, base_ppl = res["score"]["perplexity"], res["full_precision"]["perplexity"]
     assert 1 < ppl < 1e6 and abs(ppl - base_ppl) / base_ppl < 0.5  # a random model: ppl ~ vocab size
-    code, stdout, stderr = _run("finetune", str(ck), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+    code, stdout, stderr = _main(capsys, "finetune", str(ck), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
                                 "--out", str(tmp_path / "ft"), "--json")
     assert code == 0, stderr
     assert len(json.loads(stdout.strip().splitlines()[-1])["losses"]) == 2
@@ -218,6 +235,7 @@ def test_finetune_refuses_to_write_over_its_checkpoint(tmp_path, capsys):
     assert "inside the input" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_too_little_calibration_is_not_reported_as_a_success(tmp_path, capsys):
     assert main(["prepare", "--out", str(tmp_path / "ck"), "--samples", "2", "--seq-len", "64", "--no-progress"]) == 0
     out = capsys.readouterr().out

@@ -264,6 +264,7 @@ def test_unavailable_reason_is_none_when_loaded():
     assert _ext.unavailable_reason() is None
 
 
+@pytest.mark.slow
 def test_package_falls_back_to_python_when_extension_disabled():
     code = (
         "import torch, cloq_engine as ce; from cloq_engine import formats, _ext;"
@@ -320,6 +321,7 @@ def test_ops_refuse_to_be_differentiated_directly():
     torch.testing.assert_close(y, x.detach() @ qw.dequantize().t())
 
 
+@pytest.mark.slow
 def test_compiled_prepared_llama_is_one_graph_matching_eager(monkeypatch):
     """torch.compile(fullgraph=True) of a prepared tiny Llama on the cpp backend: forward and backward
     through the extension's ops (asserted in the traced graphs), logits and LoRA gradients as eager."""

@@ -124,6 +124,7 @@ def test_export_auto_format_writes_v1_when_the_zeros_fit_it_and_v2_otherwise(tmp
             export.export_gptq(model, str(tmp_path / "v1"), checkpoint_format="gptq")
 
 
+@pytest.mark.slow
 def test_cli_prepare_export_and_prepare_from_gptq_end_to_end(tmp_path, capsys):
     """`cloq prepare` -> `cloq export --format gptq` -> `cloq prepare --from-gptq` on a model directory:
     the imported checkpoint keeps the exported Q bit for bit and gets a calibrated (non-zero) adapter."""

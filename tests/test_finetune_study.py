@@ -84,6 +84,7 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert [round(f(s), 3) for s in (0, 1, 2, 9, 10)] == [0.5, 1.0, 1.0, 0.125, 0.0]
 
 
+@pytest.mark.slow
 def test_tasks_split_disjointly_and_order_batches_by_seed(tiny_bert):
     base, tok = data.load_model(tiny_bert)
     halves = {"recovery": len(data.calibration_paragraphs()), "topics": len(data.topic_split().train_texts)}
@@ -100,6 +101,7 @@ def test_tasks_split_disjointly_and_order_batches_by_seed(tiny_bert):
         make_task("lm", base, tok, TINY)
 
 
+@pytest.mark.slow
 def test_train_lora_moves_only_the_lora_factors_and_the_head(tiny_bert):
     import copy
 
@@ -142,6 +144,7 @@ def _run(tmp_path, model_dir, extra=()):
     return _bench().main(argv)
 
 
+@pytest.mark.slow
 def test_bench_finetune_encoder_end_to_end_and_resume(tmp_path, tiny_bert, capsys):
     assert _run(tmp_path, tiny_bert) == 0
     out = capsys.readouterr().out
@@ -168,6 +171,7 @@ def test_bench_finetune_encoder_end_to_end_and_resume(tmp_path, tiny_bert, capsy
         _run(tmp_path, tiny_bert, ["--rank", "4"])
 
 
+@pytest.mark.slow
 def test_bench_finetune_causal_lm_scores_perplexity(tmp_path, tiny_llama, capsys):
     assert _run(tmp_path, tiny_llama, ["--no-reference", "--lr", "1e-3"]) == 0
     res = json.loads((tmp_path / "study" / "results.json").read_text())

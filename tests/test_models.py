@@ -14,6 +14,7 @@ def smollm2_dir():
     return models.resolve("smollm2")
 
 
+@pytest.mark.slow
 def test_smollm2_is_a_plain_hf_llama_with_gqa_tied_embeddings_and_chat_template(smollm2_dir):
     files = set(os.listdir(smollm2_dir))
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", models.MANIFEST} <= files

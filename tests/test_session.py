@@ -98,6 +98,7 @@ def test_without_a_gpu_every_measurement_is_skipped_with_the_reason(session, tmp
     assert rows and all(r["status"] == "skipped" and r["reason"] == "no CUDA device" for r in rows)
 
 
+@pytest.mark.slow
 def test_quick_runs_end_to_end_on_the_cpu_in_smoke_mode(tmp_path):
     """Every kind of quick measurement, its code run at tiny sizes under the Triton interpreter
     (CLOQ_SESSION_SMOKE=1), through the real parent/child runner: results or reasoned skips, no errors."""

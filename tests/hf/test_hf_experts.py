@@ -31,6 +31,7 @@ def prepared_rtn(arch):
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.slow
 def test_prepared_moe_forward_equals_the_merged_dense_model_under_grouped_mm(arch):
     model = ce.prepare_model(tiny_moe(arch), GPTQ, CLOQ, calib=tiny_moe_calib())
     experts = moe.quant_experts(model)
@@ -196,6 +197,7 @@ def test_per_expert_gram_equals_brute_force_gather_of_the_routed_tokens(arch):
         torch.testing.assert_close(got_down.H[e].double(), Z.t() @ Z, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_expert_with_no_token_falls_back_to_rtn_and_zero_init_with_a_warning(caplog):
     model = tiny_moe("gpt_oss")
     with torch.no_grad():
@@ -248,6 +250,7 @@ def test_exported_expert_adapter_loads_in_peft_and_matches_the_quantized_model(a
         torch.testing.assert_close(peft_model(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_trainer_step_changes_only_lora_factors_of_the_moe(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -265,6 +268,7 @@ def test_trainer_step_changes_only_lora_factors_of_the_moe(tmp_path):
     assert any(k.endswith("experts.down_proj.lora_B") for k in changed)
 
 
+@pytest.mark.slow
 def test_streaming_resume_of_a_moe_is_bitwise_the_in_memory_prepare(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

@@ -367,6 +367,7 @@ def test_transformers_resave_after_training_does_not_carry_stale_checksums(llama
 # ---------------------------------------------------------------------------------------------
 # Start-up: `import cloq_engine` does not import transformers; from_pretrained still works
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_import_is_lazy_and_from_pretrained_still_finds_the_quantizer(llama_checkpoint):
     """(Importing transformers first registers at once: every in-process test here does that.)"""
     import subprocess

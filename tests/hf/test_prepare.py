@@ -133,6 +133,7 @@ def test_report_modes():
                          report="full")
 
 
+@pytest.mark.slow
 def test_requant_report_baseline_is_the_plain_quantizer_not_the_requantized_q():
     """Before: "0.6837 -> 0.0444 (93.5% lower)": the baseline was the re-quantized Q alone, far from W
     by design; against plain GPTQ (0.0661) the gain was 33%."""

@@ -82,6 +82,7 @@ def _in_memory_any(src, out, qc, lc, calib):
 
 
 @pytest.mark.parametrize("kind, outside", [("bert pooler", "pooler.dense"), ("targeted lm_head", "lm_head")])
+@pytest.mark.slow
 def test_targets_outside_the_block_stack_stream_and_resume_bitwise(kind, outside, tmp_path, monkeypatch):
     """Before: refused ("targets outside the block stack ['pooler.dense'] need the whole model in memory")."""
     lc = _outside_source(tmp_path / "src", kind)
@@ -120,6 +121,7 @@ def test_nan_in_the_shards_is_refused_before_any_block_naming_every_tensor(tmp_p
     assert not os.path.exists(str(tmp_path / "out") + streaming.PARTIAL_SUFFIX)
 
 
+@pytest.mark.slow
 def test_streaming_equals_in_memory_bitwise_and_reports_the_same(source, tmp_path):
     src, ref, ref_report = source
     out, report = streaming.prepare_pretrained(src, tmp_path / "out", QC, LC, calib=tiny_calib(4), return_report=True)
@@ -168,6 +170,7 @@ streaming.prepare_pretrained({src!r}, {out!r}, ce.QuantConfig(bits=2, group_size
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_an_uninterrupted_run(source, tmp_path):
     src, ref, ref_report = source
     out = tmp_path / "out"
@@ -218,6 +221,7 @@ print(json.dumps({{"base": base, "peak": rss("VmHWM:")}}))
 """
 
 
+@pytest.mark.slow
 def test_bounded_memory_prepare_equals_in_memory(tmp_path):
     """A model whose float32 weights take 63 MB prepares with a peak RSS growth under a 30 MB cap
     (one block is 4 MB), and gives exactly what the in-memory path gives."""

@@ -36,6 +36,7 @@ def lora_names(model):
 
 @pytest.mark.parametrize("source, checkpointing", [("prepare_model", False), ("from_pretrained", False),
                                                    ("prepare_model", True)])
+@pytest.mark.slow
 def test_trainer_updates_only_lora_factors(source, checkpointing, tmp_path):
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -105,6 +106,7 @@ def test_trainer_bf16_trains_lora_only_in_mixed_precision(tmp_path):
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".lora_" in n)
 
 
+@pytest.mark.slow
 def test_trl_sft_trainer_with_its_defaults_trains_in_bf16(tmp_path):
     """TRL's SFTTrainer on a text dataset with SFTConfig's defaults (bf16=True among them) on CPU."""
     pytest.importorskip("trl")
@@ -249,6 +251,7 @@ def _bits(t):
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.slow
 def test_two_processes_match_one_and_keep_packed_buffers_bit_exact(engine, tmp_path):
     """2 gloo processes, each on half of every batch, train like one process on the whole batch;
     the packed buffers come out bit-identical (never cast, never NaN-canonicalized)."""

@@ -159,6 +159,7 @@ def test_nan_weight_and_shape_mismatch_raise():
 
 
 @pytest.mark.parametrize("svd", ["auto", "krylov"])
+@pytest.mark.slow
 def test_default_and_krylov_solves_are_within_1e4_of_the_optimum_on_every_real_layer(minilm_inputs, minilm, svd):
     """All 37 MiniLM layers, 2-bit GPTQ g64, rank 64 (auto picks the exact SVD on layers this small,
     so the Krylov solver that large layers get is checked here too)."""

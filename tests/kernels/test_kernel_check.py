@@ -11,6 +11,7 @@ from cloq_engine.kernels import check
 KEYS = {"kernel", "arch", "config", "regs", "spill_bytes", "shared_bytes", "barriers"}
 
 
+@pytest.mark.slow
 def test_json_report_for_a_compiled_subset():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
@@ -61,6 +62,7 @@ def test_every_shipped_config_is_covered():
 
 
 @pytest.mark.parametrize("variant", ["3", "nf4"])
+@pytest.mark.slow
 def test_dequant_streams_3_bit_and_nf4_without_shared_memory_round_trips(variant):
     """The 3-bit planes and the NF4 register codebook keep one layout from the word loads to the stores."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
