@@ -350,7 +350,8 @@ def print_at_init(args, tasks, done, config, elapsed) -> int:
     path = os.path.join(args.out, "at_init.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(_jsonable({"settings": config.to_dict(), "rows": rows, "elapsed_s": elapsed}), f, indent=1)
+        json.dump(_jsonable({"commit": source_commit(), "settings": config.to_dict(), "rows": rows,
+                             "elapsed_s": elapsed}), f, indent=1)
     os.replace(tmp, path)
     print(f"wrote {path} ({elapsed / 60:.1f} min)")
     return 0
@@ -417,9 +418,25 @@ def plot(summary, done, args, rates, path) -> None:
     os.replace(tmp, path)
 
 
+def source_commit() -> str:
+    """The commit of the source tree that ran the study (with "+dirty" for uncommitted changes), or
+    "unknown" outside a git checkout: every results file says which code produced it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def write_results(args, config, tasks, rates, summary, done, elapsed) -> str:
     path = os.path.join(args.out, "results.json")
-    payload = {"settings": config.to_dict(), "bits": args.bits, "inits": args.inits, "seeds": args.seeds,
+    payload = {"commit": source_commit(), "settings": config.to_dict(), "bits": args.bits, "inits": args.inits, "seeds": args.seeds,
                "lr_grid": args.lr_grid, "lr": args.lr, "chosen_lr": rates, "elapsed_s": elapsed,
                "workers": args.workers, "summary": summary, "runs": list(done.values())}
     tmp = path + ".tmp"

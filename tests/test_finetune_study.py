@@ -187,6 +187,7 @@ def test_bench_finetune_causal_lm_scores_perplexity(tmp_path, tiny_llama, capsys
 def test_bench_finetune_at_init_prepares_and_scores_only(tmp_path, tiny_llama, capsys):
     assert _run(tmp_path, tiny_llama, ["--no-reference", "--at-init"]) == 0
     res = json.loads((tmp_path / "study" / "at_init.json").read_text())
+    assert res["commit"]  # which code produced the table
     assert [(r["bits"], r["init"]) for r in res["rows"]] == [(2, "zero"), (2, "cloq")]
     assert all(r["lm:perplexity"] > 1 and r["lm:code_perplexity"] > 1 for r in res["rows"])
     runs = (tmp_path / "study" / "runs.jsonl").read_text().splitlines()
