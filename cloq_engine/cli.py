@@ -88,7 +88,7 @@ def _add_quant_args(p: argparse.ArgumentParser, bits_multi: bool = False) -> Non
     p.add_argument("--sym", action="store_true", default=None,
                    help="symmetric quantization (zero at the middle code; exportable as GPTQ v1 at any width)")
     p.add_argument("--act-order", action="store_true", help="GPTQ in decreasing diag(H) order (desc_act)")
-    p.add_argument("--grid", choices=("q4_1", "q4_k", "q3_k", "q2_k"), default=None,  # config.GRID_LATTICES
+    p.add_argument("--grid", choices=("q4_1", "q4_k", "q3_k", "q2_k", "q4_0"), default=None,  # config.GRID_LATTICES
                    help="quantize on llama.cpp's lattice of that GGUF type, so `cloq export --format gguf` writes it "
                         "exactly (sets --bits, --sym and --group-size 32 unless given)")
     p.add_argument("--rank", type=_positive_int, default=16)

@@ -34,7 +34,11 @@ class SVDSolver(str, enum.Enum):
 
 SUPPORTED_BITS = (2, 3, 4)
 # llama.cpp lattices (quant.grids): name -> (bits, symmetric); every one stores groups of 32
-GRID_LATTICES = {"q4_1": (4, False), "q4_k": (4, False), "q3_k": (3, True), "q2_k": (2, False)}
+GRID_LATTICES = {"q4_1": (4, False), "q4_k": (4, False), "q3_k": (3, True), "q2_k": (2, False), "q4_0": (4, True)}
+# QuantConfig.grid_fallback: what a layer whose in_features no k-quant block divides is quantized on
+# (quant.grids.layer_config): "llama.cpp" the type llama.cpp's quantizer falls back to, at its bits (Q2_K/Q3_K
+# -> 4-bit Q4_0); "same-bits" our own grid at the config's bits (records written before the field)
+GRID_FALLBACKS = ("llama.cpp", "same-bits")
 # LoRAConfig.lora_dtype: the trainable factors' dtype (see LoRAConfig)
 LORA_DTYPES = ("auto", "base", "float32", "bfloat16", "float16")
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
@@ -91,7 +95,12 @@ class QuantConfig:
         grid: None (our own: free float16 scale, integer zero) or a llama.cpp lattice, "q4_1",
             "q4_k", "q3_k" or "q2_k" (``quant.grids``): RTN and GPTQ choose every group's scale and
             zero on it, so that the weight is exactly that GGUF type; needs the grid's bits, sym,
-            group_size=32 and method "rtn" or "gptq".
+            group_size=32 and method "rtn" or "gptq". "q4_0" (4-bit, symmetric) is ggml's Q4_0.
+        grid_fallback: with a k-quant grid, what a layer whose in_features is not a multiple of 256
+            is quantized on: "llama.cpp" (default) the type llama.cpp's own quantizer falls back to,
+            at its bits (q2_k, q3_k: 4-bit Q4_0; q4_k: Q4_1, as Q5_0 would need 5-bit codes), so the
+            file is what llama-quantize writes for that layer; "same-bits" our own grid at `bits`
+            (written as Q4_0: the bytes of 4 bits for 2- or 3-bit quality).
     """
 
     bits: int = 4
@@ -103,9 +112,12 @@ class QuantConfig:
     block_size: int = 128
     mse_clip: bool = False
     grid: Optional[str] = None
+    grid_fallback: str = "llama.cpp"
 
     def __post_init__(self):
         object.__setattr__(self, "method", _enum_field(QuantMethod, self.method, "method"))
+        if self.grid_fallback not in GRID_FALLBACKS:
+            raise ValueError(f"`grid_fallback` must be one of {GRID_FALLBACKS}; got {self.grid_fallback!r}")
         if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"`bits` must be one of {SUPPORTED_BITS}; got {self.bits!r}")
         if not _is_int(self.group_size) or self.group_size not in SUPPORTED_GROUP_SIZES:
@@ -145,6 +157,8 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        if d.get("grid") and "grid_fallback" not in d:  # recorded before the field: fallback layers kept the bits
+            d = {**d, "grid_fallback": "same-bits"}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

@@ -15,6 +15,7 @@ from . import backends
 from .config import LoRAConfig, QuantConfig
 from .convert import build_layer, factor_dtype, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
 from .formats import QUANT_BUFFERS, PackedBuffers, QuantizedWeight, packed_rows  # noqa: F401 (QUANT_BUFFERS re-exported)
+from .quant.grids import layer_config
 from .layer_forward import autocast_dtype, backend_region, packed_forward  # noqa: F401 (autocast_dtype re-exported)
 
 
@@ -76,6 +77,7 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
+        quant_config = layer_config(quant_config, in_features)  # this layer's bits (a k-quant grid's fallback)
         if quant_config.group_size != -1 and in_features % quant_config.group_size:
             raise ValueError(f"in_features={in_features} is not divisible by group_size={quant_config.group_size}")
         if lora_config.rank > min(in_features, out_features):

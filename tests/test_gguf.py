@@ -17,13 +17,14 @@ gguf = pytest.importorskip("gguf")
 GRIDS = {"q4_k": (4, False), "q3_k": (3, True), "q2_k": (2, False), "q4_1": (4, False)}
 
 
-def _tiny(arch="llama", seed=0):
-    """A tiny causal LM whose widths are multiples of 256, so that the k-quant types are used."""
+def _tiny(arch="llama", seed=0, hidden=256):
+    """A tiny causal LM whose widths are multiples of 256, so that the k-quant types are used
+    (``hidden=288``: as SmolLM2's 576, only down_proj's rows fit a k-quant)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     torch.manual_seed(seed)
-    config = cls(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    config = cls(vocab_size=96, hidden_size=hidden, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -157,6 +158,33 @@ def test_default_float_type_is_the_converters_f16_and_our_own_grid_falls_back_to
     assert {t for n, t in types.items() if n.startswith("blk.") and "norm" not in n} == {"Q5_0"}
 
 
+@pytest.mark.parametrize("fallback,bits,other", [("llama.cpp", 4, "Q4_0"), ("same-bits", 2, "Q4_0")])
+def test_layers_no_k_quant_fits_take_llama_cpp_s_fallback_type_at_its_bits(tmp_path, fallback, bits, other):
+    """hidden 288: q/k/v/o/gate/up have rows of 288 (no Q2_K), down_proj 512. With the default
+    fallback those layers are 4-bit Q4_0 as llama-quantize writes them, stored so, saved and loaded
+    at 4 bits; "same-bits" (records from before the field) keeps 2-bit codes in the same Q4_0 bytes."""
+    model = _tiny(hidden=288)
+    qc = ce.QuantConfig(bits=2, group_size=32, method="rtn", grid="q2_k", grid_fallback=fallback)
+    ce.prepare_model(model, qc, ce.LoRAConfig(rank=4, init="zero"))
+    layers = _layers(model)
+    assert {n.rpartition(".")[2]: m.bits for n, m in layers.items()} == {
+        "q_proj": bits, "k_proj": bits, "v_proj": bits, "o_proj": bits, "gate_proj": bits, "up_proj": bits,
+        "down_proj": 2}
+    ce.save_pretrained(model, str(tmp_path / "ckpt"))
+    loaded = ce.load_pretrained(str(tmp_path / "ckpt"))
+    for n, m in _layers(loaded).items():
+        assert m.bits == layers[n].bits and torch.equal(m.qweight, layers[n].qweight), n
+    types = export_gguf(loaded, str(tmp_path / "m.gguf"))
+    assert types["blk.0.ffn_down.weight"] == "Q2_K" and types["blk.0.attn_q.weight"] == other
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    for hf, layer in _layers(loaded).items():
+        name = _gguf_name("llama", hf)
+        theirs = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
+        inv = _unpermute("llama", name, theirs.shape[0], loaded)
+        theirs = theirs if inv is None else theirs[inv]
+        assert np.array_equal(theirs.view(np.uint32), layer.quantized_weight.dequantize().numpy().view(np.uint32))
+
+
 def test_a_layer_that_fits_no_ggml_type_is_refused_by_name_and_nothing_is_written(tmp_path):
     model = _prepared("llama", "q4_k", method="rtn")
     layer = model.model.layers[1].mlp.down_proj
@@ -224,6 +252,7 @@ def test_real_smollm2_exports_exactly_with_its_tokenizer(tmp_path):
     src = resolve("smollm2")  # its HF directory: tokenizer.json, tokenizer_config.json
     types = export_gguf(model, str(tmp_path / "m.gguf"), tokenizer=tok, tokenizer_dir=src)
     assert types["blk.0.ffn_down.weight"] == "Q2_K" and types["blk.0.attn_q.weight"] == "Q4_0"  # 576 % 256 != 0
+    assert model.model.layers[0].self_attn.q_proj.bits == 4  # llama.cpp's fallback for Q2_K: 4-bit Q4_0
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     tensors = {t.name: t for t in reader.tensors}

@@ -183,15 +183,16 @@ BLOCK_TYPES: Dict[str, BlockType] = {
         BlockType("Q2_K", QK_K, (2,), _encode_q2_k),
         BlockType("Q3_K", QK_K, (3,), _encode_q3_k),
         BlockType("Q4_K", QK_K, (4,), _encode_q4_k),
-        BlockType("Q4_0", QK, (2, 3), _encode_q4_0),
+        BlockType("Q4_0", QK, (2, 3, 4), _encode_q4_0),
         BlockType("Q4_1", QK, (4,), _encode_q4_1),
         BlockType("Q5_0", QK, (4,), lambda c, s, z: _encode_q4_0(c, s, z, offset=16, top=31)),
     )
 }
 
 # What a weight with no llama.cpp grid is tried as, smallest file first.
-DEFAULT_TYPES = {2: ("Q2_K", "Q4_0"), 3: ("Q3_K", "Q4_0"), 4: ("Q4_K", "Q4_1", "Q5_0")}
-GRID_TYPES = {"q2_k": ("Q2_K", "Q4_0"), "q3_k": ("Q3_K", "Q4_0"), "q4_k": ("Q4_K", "Q4_1"), "q4_1": ("Q4_1",)}
+DEFAULT_TYPES = {2: ("Q2_K", "Q4_0"), 3: ("Q3_K", "Q4_0"), 4: ("Q4_K", "Q4_0", "Q4_1", "Q5_0")}
+GRID_TYPES = {"q2_k": ("Q2_K", "Q4_0"), "q3_k": ("Q3_K", "Q4_0"), "q4_k": ("Q4_K", "Q4_1"), "q4_1": ("Q4_1",),
+              "q4_0": ("Q4_0",)}
 
 
 def check_layout(qw: QuantizedWeight, t: BlockType) -> None:

@@ -9,6 +9,7 @@ import torch
 from ..config import QuantConfig, QuantMethod
 from ..formats import QuantizedWeight
 from . import gptq, nf4, rtn  # noqa: F401  (they register themselves)
+from .grids import layer_config
 from .registry import get_quantizer, register_quantizer
 from .validate import check_hessian, check_weight
 
@@ -23,10 +24,13 @@ def needs_calibration(method) -> bool:
 def quantize_weight(W: torch.Tensor, config: QuantConfig, H: Optional[torch.Tensor] = None) -> QuantizedWeight:
     """Quantize a weight of shape (out_features, in_features) into packed storage.
 
-    ``H = X^T X`` (in, in) is required by GPTQ and ignored by RTN and NF4.
+    ``H = X^T X`` (in, in) is required by GPTQ and ignored by RTN and NF4. The storage has the bits
+    of ``quant.grids.layer_config(config, in_features)``: ``config.bits`` but for a k-quant grid's
+    fallback layers.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"`config` must be a QuantConfig; got {type(config).__name__}")
+    config = layer_config(config, W.shape[1])  # a k-quant grid's fallback layer has bits of its own
     check_weight(W, config)
     if H is not None:
         check_hessian(H, W.shape[1])

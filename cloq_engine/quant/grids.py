@@ -14,6 +14,7 @@ grid      ggml type    what the stored (s, z) of a group of 32 are
 ``q3_k``  Q3_K         per 256 columns d with 6 significant bits; ``s = d·n`` (n 1..31,
                        ggml's 6-bit scale n + 32), z = 4 (symmetric)
 ``q2_k``  Q2_K         as q4_k with sc, m in 1..15 / 0..15; codes 0..3
+``q4_0``  Q4_0         s float16 (either sign, as ggml's d), z = 8: ``d·(q - 8)``
 ========  ===========  ===============================================================
 
 Q3_K and Q2_K have sub-blocks of 16; our kernels read one scale row per 32 rows of K, so a group
@@ -25,12 +26,16 @@ when the odd part of sc divides m; the group fit searches the (sc, m) pairs near
 that satisfy that, by squared error.
 
 ggml's k-quants need rows of a multiple of 256; a layer with another in_features falls back as
-llama.cpp's quantizer does for such tensors: ``q4_k`` to ``q4_1``, ``q3_k``/``q2_k`` to our own
-grid (integer zeros), which the GGUF exporter writes as Q4_0 (``d·(q - 8)``, exact for any integer
-zero at 2 or 3 bits).
+llama.cpp's quantizer does for such tensors (``tensor_type_fallback`` in its ``llama-quant.cpp``),
+at that type's bits (:func:`layer_config`): ``q2_k``/``q3_k`` to 4-bit ``q4_0`` (llama.cpp: Q4_0),
+``q4_k`` to ``q4_1`` (llama.cpp: Q5_0, which would need 5-bit codes; Q4_1 is half a bit smaller).
+So such a model holds layers of two widths; each layer's ``quant_config`` says its own. Records
+made before ``QuantConfig.grid_fallback`` existed ("same-bits") kept the config's bits on our own
+grid (written as Q4_0: 4.5 bits a weight for 2- or 3-bit codes).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -185,6 +190,25 @@ def _q3_k_group(w: torch.Tensor, d) -> tuple:
     return scale.gather(0, best)[0], zero[0]
 
 
+# ---- Q4_0 ---------------------------------------------------------------------------------------
+_Q4_0_SHRINK = (1.0, 0.96, 0.92, 0.88, 0.84)
+
+
+def _q4_0_group(w: torch.Tensor, state) -> tuple:
+    """ggml's d = max / -8 (``max`` the value of largest magnitude, sign kept: it lands on code 0),
+    and a few shrinks of it, the one of least squared error per row; z = 8."""
+    w = w.float()
+    idx = w.abs().argmax(dim=1, keepdim=True)
+    vmax = w.gather(1, idx)[:, 0]
+    base = vmax / -8
+    base = torch.where(base.abs() < 2.0**-24, torch.full_like(base, 2.0**-24), base)
+    scale = torch.stack([(base * f).half().float() for f in _Q4_0_SHRINK])  # [C, N], float16 values
+    scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-24), scale)
+    zero = torch.full_like(scale, 8.0)
+    best = _sq_err(w, scale, zero, 15).argmin(dim=0, keepdim=True)
+    return scale.gather(0, best)[0], zero[0]
+
+
 GRIDS: Dict[str, Grid] = {}
 
 
@@ -200,23 +224,33 @@ def register_grid(grid: Grid) -> Grid:
 register_grid(Grid("q4_1", 4, False, "Q4_1", 1, lambda w: None, _q4_1_group))
 register_grid(Grid("q4_k", 4, False, "Q4_K", SUPER_BLOCK, _kquant_min_super(15, 63, 63),
                    _kquant_min_group(15, 63, 63), fallback="q4_1"))
-register_grid(Grid("q3_k", 3, True, "Q3_K", SUPER_BLOCK, _q3_k_super, _q3_k_group, fallback="own"))
+register_grid(Grid("q3_k", 3, True, "Q3_K", SUPER_BLOCK, _q3_k_super, _q3_k_group, fallback="q4_0"))
 register_grid(Grid("q2_k", 2, False, "Q2_K", SUPER_BLOCK, _kquant_min_super(3, 15, 15),
-                   _kquant_min_group(3, 15, 15), fallback="own"))
+                   _kquant_min_group(3, 15, 15), fallback="q4_0"))
+register_grid(Grid("q4_0", 4, True, "Q4_0", 1, lambda w: None, _q4_0_group))
 
 
 def grid_names() -> tuple:
     return tuple(GRIDS)
 
 
+def layer_config(config, in_features: int):
+    """The QuantConfig a layer of ``in_features`` inputs is quantized and stored with under
+    ``config``: ``config`` itself, or for a k-quant grid the row length does not fit, its fallback
+    (``grid_fallback="llama.cpp"``: the fallback grid at its own bits and symmetry; "same-bits":
+    our own grid at the config's bits)."""
+    name = getattr(config, "grid", None)
+    if name is None or in_features % GRIDS[name].super_size == 0:
+        return config
+    fb = GRIDS[GRIDS[name].fallback]
+    if config.grid_fallback == "same-bits" and fb.bits != config.bits:
+        return dataclasses.replace(config, grid=None)
+    return dataclasses.replace(config, bits=fb.bits, sym=fb.sym, grid=fb.name)
+
+
 def grid_for(config, in_features: int) -> Grid:
     """The lattice a layer of ``in_features`` inputs is quantized on under ``config``."""
-    name = getattr(config, "grid", None)
-    if name is None:
+    config = layer_config(config, in_features)
+    if config.grid is None:
         return own_grid(config.bits, config.sym, config.mse_clip)
-    grid = GRIDS[name]
-    if in_features % grid.super_size:
-        if grid.fallback == "own":
-            return own_grid(config.bits, config.sym)
-        return GRIDS[grid.fallback]
-    return grid
+    return GRIDS[config.grid]

@@ -68,10 +68,44 @@ def test_gptq_on_the_grid_beats_rtn_on_it_and_stays_near_our_own_grid(grid, bits
 def test_a_layer_whose_width_is_not_a_multiple_of_256_falls_back_as_llama_cpp_does():
     cfg = ce.QuantConfig(bits=4, group_size=32, method="rtn", grid="q4_k")
     assert grids.grid_for(cfg, 576).name == "q4_1" and grids.grid_for(cfg, 512).name == "q4_k"
-    cfg2 = ce.QuantConfig(bits=2, group_size=32, method="rtn", grid="q2_k")
-    assert grids.grid_for(cfg2, 576).name == "own"
     W, _ = _weights(k=576)
     assert _on_lattice(ce.quantize_weight(W, cfg), "q4_1")
+    for grid, bits, sym in (("q2_k", 2, False), ("q3_k", 3, True)):  # llama.cpp: Q2_K/Q3_K -> Q4_0, at 4 bits
+        cfg = ce.QuantConfig(bits=bits, group_size=32, method="rtn", grid=grid, sym=sym)
+        assert grids.grid_for(cfg, 576).name == "q4_0" and grids.grid_for(cfg, 512).name == grid
+        assert grids.layer_config(cfg, 512) is cfg
+        lc = grids.layer_config(cfg, 576)
+        assert (lc.bits, lc.sym, lc.grid) == (4, True, "q4_0")
+        qw = ce.quantize_weight(W, cfg)
+        assert qw.bits == 4 and bool((qw.zeros == 8).all())
+
+
+def test_records_from_before_grid_fallback_keep_the_configs_bits():
+    """A q2_k checkpoint written before the field held its 576-wide layers at 2 bits on our own grid:
+    read back so (its packed shapes depend on it)."""
+    old = {"bits": 2, "group_size": 32, "method": "gptq", "sym": False, "grid": "q2_k"}
+    qc = ce.QuantConfig.from_dict(old)
+    assert qc.grid_fallback == "same-bits"
+    assert grids.grid_for(qc, 576).name == "own" and grids.layer_config(qc, 576).bits == 2
+    assert ce.QuantConfig.from_dict(qc.to_dict()) == qc
+    assert ce.QuantConfig.from_dict({**old, "grid_fallback": "llama.cpp"}).grid_fallback == "llama.cpp"
+    with pytest.raises(ValueError, match="grid_fallback"):
+        ce.QuantConfig(bits=2, group_size=32, grid="q2_k", grid_fallback="q8_0")
+
+
+def test_q4_0_is_gguf_q4_0_and_uses_the_signed_extreme():
+    """ggml's Q4_0 puts the value of largest magnitude on code 0 (d = max / -8, d of either sign):
+    a group whose extreme is positive gets a negative scale, and codes reach all of -8..7."""
+    W, H = _weights(k=256)
+    W[0, :32] = torch.linspace(-0.1, 0.8, 32)  # positive extreme
+    for method in ("rtn", "gptq"):
+        qw = ce.quantize_weight(W, ce.QuantConfig(bits=4, group_size=32, method=method, sym=True, grid="q4_0"), H=H)
+        assert bool((qw.zeros == 8).all())
+        assert float(qw.scales[0, 0]) < 0
+    rtn = dict(bits=4, group_size=32, method="rtn", sym=True)
+    err = float(((W - ce.quantize_weight(W, ce.QuantConfig(grid="q4_0", **rtn)).dequantize()) ** 2).sum())
+    own = float(((W - ce.quantize_weight(W, ce.QuantConfig(**rtn)).dequantize()) ** 2).sum())
+    assert err < own  # the full signed range beats our symmetric 2·amax/15
 
 
 def test_no_grid_is_our_own_lattice_unchanged():
