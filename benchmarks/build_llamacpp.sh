@@ -16,7 +16,7 @@ CACHE="${CLOQ_CACHE_DIR:-$HOME/.cache/cloq_engine}"
 ROOT="$CACHE/llama.cpp/$VERSION"
 JOBS="${JOBS:-2}"
 PIP="${PIP:-python3 -m pip}"
-TARGETS=(llama-perplexity llama-imatrix llama-quantize llama-bench llama-completion)
+TARGETS=(llama-perplexity llama-imatrix llama-quantize llama-bench llama-completion llama-tokenize)
 
 have_all() {
     for t in "${TARGETS[@]}"; do [ -x "$ROOT/bin/$t" ] || return 1; done

@@ -183,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --format gguf: also write the LoRA factors as a GGUF LoRA adapter (llama.cpp --lora)")
     p.add_argument("--float-type", choices=("f16", "f32"), default="f16",
                    help="with --format gguf: type of the tensors that are not quantized (default f16, as llama.cpp)")
+    p.add_argument("--merge", nargs="?", const="gptq", choices=("gptq", "rtn"), default=None,
+                   help="with --format gguf, for engines without LoRA: fold s·B·A into the base and re-quantize it "
+                        "on each layer's grid; gptq (default): with the Grams of the calibration text, captured "
+                        "again block by block (the calibrated merge); rtn: round to nearest (the naive merge). "
+                        "Prints each one's layer error against keeping the adapter")
+    p.add_argument("--calib", type=_existing_file, default=None,
+                   help="with --merge: calibration text (default: the embedded calibration half)")
+    p.add_argument("--samples", type=_positive_int, default=64, help="with --merge: calibration blocks (default 64)")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="with --merge: tokens per block (default 128)")
+    p.add_argument("--json", action="store_true", help="with --merge: also print the layer errors as JSON")
     p.add_argument("--checkpoint-format", choices=("auto", "gptq", "gptq_v2"), default="auto",
                    help="GPTQ v1 (AutoGPTQ/vLLM, stores zero-1) or v2 (GPTQModel, exact zeros); "
                         "auto (default): v1 when the zeros fit it, else v2")

@@ -342,9 +342,24 @@ def _export_merged(args, model, tok, out) -> None:
     export_merged(model, out, tokenizer=tok, overwrite=args.overwrite)
 
 
+def _merge_for_gguf(args, model, tok) -> None:
+    """``--merge``: the adapter folded into the base and re-quantized (llamacpp/merge.py), its table printed."""
+    from .llamacpp import merge
+
+    calib = _calibration(args, tok, getattr(model, "config", None))
+    rows = merge.calibrated_merge(model, calib, method=args.merge)
+    print(merge.table(rows))
+    print(f"(relative to W' = Q + s·B·A, the function keeping the adapter serves; {len(rows)} layers, "
+          f"{len(calib)} x {args.seq_len} calibration tokens; written: the {args.merge} merge)")
+    if args.json:
+        print(json.dumps({"merge": args.merge, "summary": merge.summarize(rows), "layers": rows}))
+
+
 def _export_gguf(args, model, tok, out) -> None:
     from .llamacpp.gguf_file import export_gguf
 
+    if getattr(args, "merge", None):
+        _merge_for_gguf(args, model, tok)
     types = export_gguf(model, out, adapter_file=args.adapter, tokenizer=tok, tokenizer_dir=args.checkpoint,
                         float_type=args.float_type, overwrite=args.overwrite)
     counts = {}
@@ -366,6 +381,10 @@ def cmd_export(args) -> int:
     write, to_file = EXPORTERS[args.format]
     if getattr(args, "adapter", None) and args.format != "gguf":
         raise CLIError("--adapter is for --format gguf (the other formats write their adapter inside --out)")
+    if getattr(args, "merge", None) and args.format != "gguf":
+        raise CLIError("--merge is for --format gguf (--format merged writes the dense merge)")
+    if getattr(args, "merge", None) and args.adapter:
+        raise CLIError("--merge folds the adapter into the base: there is no --adapter file to write")
     if to_file:
         from .llamacpp.gguf_file import check_target
 

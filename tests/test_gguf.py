@@ -266,3 +266,39 @@ def test_real_smollm2_exports_exactly_with_its_tokenizer(tmp_path):
     theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     text = "The quick brown fox: 12345 <|im_start|>user\nhi"
     assert theirs.encode(text) == tok.encode(text)
+
+
+@pytest.mark.slow
+def test_calibrated_merge_beats_the_naive_one_and_exports_without_an_adapter(tmp_path):
+    """--merge: s·B·A folded in and re-quantized with GPTQ on the layer's grid, Grams captured again;
+    its output error against W' = Q + s·B·A is below RTN's of the same W' (the naive merge), layers
+    keep their widths (fallbacks included) and the export round-trips through gguf-py."""
+    from cloq_engine.llamacpp import merge
+
+    model = _tiny(hidden=288)
+    ce.prepare_model(model, ce.QuantConfig(bits=2, group_size=32, method="gptq", grid="q2_k"),
+                     ce.LoRAConfig(rank=4, alpha=8, init="cloq"), calib=_calib())
+    before = {n: (m.bits, m.merged_weight(torch.float32)) for n, m in _layers(model).items()}
+    rows = merge.calibrated_merge(model, _calib())
+    assert len(rows) == len(before)
+    s = merge.summarize(rows)
+    assert s["merge_gptq"]["mean"] < s["merge_rtn"]["mean"]
+    assert all(r["drop_adapter"] > 0 for r in rows)
+    for n, m in _layers(model).items():
+        assert m.bits == before[n][0] and not bool(m.lora_B.any())
+    types = export_gguf(model, str(tmp_path / "m.gguf"))
+    assert types["blk.0.ffn_down.weight"] == "Q2_K" and types["blk.0.attn_q.weight"] == "Q4_0"
+    assert "keep the adapter" in merge.table(rows)
+
+
+def test_cli_merge_is_refused_with_an_adapter_or_another_format(tmp_path, capsys):
+    from cloq_engine import cli
+
+    model = _prepared("llama", "q2_k", method="rtn")
+    ckpt = tmp_path / "ckpt"
+    ce.save_pretrained(model, str(ckpt))
+    assert cli.main(["export", str(ckpt), "--format", "gguf", "--merge", "--adapter", str(tmp_path / "a.gguf")]) == 1
+    assert "no --adapter" in capsys.readouterr().err
+    assert cli.main(["export", str(ckpt), "--format", "gptq", "--merge"]) == 1
+    assert "--merge is for --format gguf" in capsys.readouterr().err
+    assert not any(p.suffix == ".gguf" for p in tmp_path.iterdir())
