@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a previous cloq export at --out")
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=("kernels", "train", "init", "quantize", "prepare", "finetune", "causal_cpu"))
+    p.add_argument("which", choices=("kernels", "train", "init", "quantize", "prepare", "finetune", "causal_cpu", "gguf"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
 

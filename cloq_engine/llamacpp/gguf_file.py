@@ -184,9 +184,10 @@ def _quant_layers(model: nn.Module) -> Dict[str, QuantLoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
 
 
-def base_tensors(model: nn.Module, names: _Names, float_type: str = "f16", verify: bool = True) -> List[Tensor]:
+def base_tensors(model: nn.Module, names: _Names, float_type: str = "f16", verify: bool = True,
+                 allow_dense: bool = False) -> List[Tensor]:
     layers = _quant_layers(model)
-    if not layers:
+    if not layers and not allow_dense:
         raise ValueError("the model has no QuantLoRALinear layers: prepare or load a cloq model first")
     own = {f"{n}.{b}" for n in layers for b in ("qweight", "scales", "zeros", "perm", "lora_A", "lora_B")}
     out, seen = [], set()
@@ -356,7 +357,7 @@ def _free_bytes(directory: str) -> Optional[int]:
 
 def export_gguf(model: nn.Module, out_file: str, adapter_file: Optional[str] = None, tokenizer=None,
                 tokenizer_dir: Optional[str] = None, float_type: str = "f16", overwrite: bool = False,
-                verify: bool = True, name: Optional[str] = None) -> Dict[str, str]:
+                verify: bool = True, name: Optional[str] = None, allow_dense: bool = False) -> Dict[str, str]:
     """Write the quantized base of ``model`` as ``out_file`` (GGUF) and, with ``adapter_file``, its LoRA
     factors as a GGUF LoRA adapter. Returns {GGUF tensor name: ggml type} of the base.
 
@@ -375,7 +376,9 @@ def export_gguf(model: nn.Module, out_file: str, adapter_file: Optional[str] = N
         check_target(t, overwrite)
     names = _Names(model, arch)
     config = model.config
-    tensors = base_tensors(model, names, float_type, verify)
+    tensors = base_tensors(model, names, float_type, verify, allow_dense)
+    if adapter_file and not _quant_layers(model):
+        raise ValueError("the model has no LoRA layers: there is no adapter to write")
     types = {t.name: t.raw_type or ("F16" if t.data.dtype == np.float16 else "F32") for t in tensors}
     if adapter_file:
         alpha, lora = adapter_tensors(model, names)
@@ -409,5 +412,7 @@ def _file_type(gguf, types: Dict[str, str]):
 
     quant = Counter(t for t in types.values() if t not in ("F16", "F32"))
     top = quant.most_common(1)[0][0] if quant else "F16"
+    if not quant and all(t == "F32" for t in types.values()):
+        return gguf.LlamaFileType.ALL_F32
     ftype = {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S"}.get(top, top)  # ggml has no plain "mostly Q3_K/Q4_K"
     return getattr(gguf.LlamaFileType, "MOSTLY_" + ftype)
