@@ -60,7 +60,8 @@ def parse_args(argv):
     p.add_argument("--imatrix-chunks", type=int, default=64, help="calibration chunks (64 x 128: prepare's default)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated for the tokens/s figure (0: skip)")
-    p.add_argument("--no-engine", action="store_true", help="llama.cpp figures only")
+    p.add_argument("--engine", choices=("all", "ours", "none"), default="all",
+                   help="which rows also get the engine's perplexity: all, ours (fp, our exports, merges), none")
     p.add_argument("--work", default="results/gguf-bench", help="where the GGUF files and texts are written")
     p.add_argument("--out", default="results/gguf-bench/gguf-served.json")
     return p.parse_args(argv)
@@ -147,7 +148,8 @@ class Bench:
         r.update({f"llama_{k}": v for k, v in self.llama.perplexity(gguf_path, self.heldout, a.ctx, a.chunks, lora).items()})
         if a.gen_tokens:
             r.update(self.llama.generation_speed(gguf_path, a.gen_tokens, lora))
-        if engine is not None and not a.no_engine:
+        wanted = a.engine == "all" or (a.engine == "ours" and "peer" not in extra)
+        if engine is not None and wanted:
             tokens = self.llama.tokenize(gguf_path, self.heldout)
             model = engine()
             r["engine_ppl"] = self.tools.chunked_perplexity(model, tokens, a.ctx, a.chunks, _vocab_bos(gguf_path))["ppl"]
