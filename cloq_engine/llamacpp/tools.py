@@ -153,7 +153,7 @@ class LlamaCpp:
 def _lora_args(lora: Optional[str], scale: Optional[float]) -> List[str]:
     if not lora:
         return []
-    return ["--lora-scaled", lora, str(scale)] if scale is not None else ["--lora", lora]
+    return ["--lora-scaled", f"{lora}:{scale}"] if scale is not None else ["--lora", lora]  # this version's form
 
 
 # ---- our side --------------------------------------------------------------------------------------
