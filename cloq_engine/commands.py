@@ -244,7 +244,7 @@ def _experts_table(rep, lc) -> str:
 def cmd_prepare(args) -> int:
     from .convert import cast_dense
     from .hf import prepare_model
-    from .hf.quantizer import attach_quantization_config
+    from .hf.quantizer import update_cloq_config
 
     t0 = time.perf_counter()
     given = quant_defaults(args)
@@ -263,8 +263,7 @@ def cmd_prepare(args) -> int:
     t_load = time.perf_counter() - t0
     prepare_model(model, qc, lc, calib=calib, progress=not args.no_progress)
     cast_dense(model, storage)  # the unquantized tensors as --dtype stores them (LoRA factors: float32)
-    model.cloq_config["base_model"] = os.path.abspath(model_path)
-    attach_quantization_config(model)
+    update_cloq_config(model, base_model=os.path.abspath(model_path))
     t1 = time.perf_counter()
     _save(model, out, tok, args.overwrite)
     t_save = time.perf_counter() - t1
@@ -425,11 +424,12 @@ def _gptq_conflicts(given: dict, gptq_dir: str) -> None:
 
 
 def _prepare_from_gptq(args, given: dict) -> int:
-    """``cloq prepare --from-gptq DIR --model ORIG --out OUT``: keep DIR's Q, calibrated init against ORIG."""
+    """``cloq prepare --from-gptq DIR --model ORIG --out OUT``: keep DIR's Q, calibrated init against ORIG;
+    the same report as the other prepares."""
     from .config import LoRAConfig
     from .convert import cast_dense
-    from .export import prepare_from_gptq
-    from .hf.quantizer import attach_quantization_config
+    from .hf.from_gptq import prepare_from_gptq
+    from .hf.quantizer import update_cloq_config
 
     if not args.model:
         raise CLIError("--from-gptq needs --model: the original full-precision model the checkpoint came from")
@@ -439,16 +439,22 @@ def _prepare_from_gptq(args, given: dict) -> int:
     fields = {k: v for k, v in _init_fields(args).items() if k != "requant_rounds"}  # Q is kept
     lc = LoRAConfig(rank=args.rank, alpha=args.alpha or args.rank, init=args.init, **fields)
     calib = _calibration(args, tok, model.config) if lc.init.value in ("cloq", "quailora") else None
+    t_load = time.perf_counter() - t0
     try:
         prepare_from_gptq(model, args.from_gptq, lc, calib=calib, progress=not args.no_progress)
     except ValueError as e:
         raise CLIError(str(e).replace("the model's", "--model's").replace("the model", "--model")) from None
     cast_dense(model, _storage_dtype(getattr(args, "dtype", "auto"), args.model))
-    model.cloq_config["base_model"] = os.path.abspath(args.model)
-    attach_quantization_config(model)
+    update_cloq_config(model, base_model=os.path.abspath(args.model))
+    t1 = time.perf_counter()
     _save(model, args.out, tok, args.overwrite)
-    print(f"kept the Q of {len(model.cloq_config['targets'])} GPTQ layers from {args.from_gptq}; "
-          f"init={lc.init.value} rank={lc.rank}; wrote {args.out} in {time.perf_counter() - t0:.1f}s")
+    t_save = time.perf_counter() - t1
+    rep = model.cloq_report
+    print(f"kept the Q of {len(model.cloq_config['targets'])} GPTQ layers from {args.from_gptq}")
+    _print_prepared(args, rep, QuantConfig.from_dict(model.cloq_config["quant"]), lc, model,
+                    next(model.parameters()).device,
+                    f"load {t_load:.1f}s | capture+forward {rep.capture_s:.1f}s | init {rep.init_s:.1f}s | "
+                    f"save {t_save:.1f}s | total {time.perf_counter() - t0:.1f}s")
     return 0
 
 

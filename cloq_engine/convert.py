@@ -20,7 +20,7 @@ from . import init as init_mod
 from . import linalg
 from .config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
 from .formats import QuantizedWeight
-from .quant import quantize_weight
+from .quant import get_quantizer, quantize_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,6 +64,13 @@ def factor_dtype(lora_config: LoRAConfig, base: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 # Quantize and initialise
 # ---------------------------------------------------------------------------------------------
+def needs_calibration(quant_config: QuantConfig, lora_config: LoRAConfig, keeps_q: bool = False) -> bool:
+    """Whether preparing with these configs reads the calibration Gram matrix H: the quantizer's
+    or the init's registry entry says so (``needs_H``). ``keeps_q``: the Q is given (an imported
+    GPTQ checkpoint), so only the init counts."""
+    return (not keeps_q and get_quantizer(quant_config.method).needs_H) or init_mod.get_init(lora_config.init).needs_H
+
+
 @dataclass
 class LayerInit:
     """What a layer is built from: its quantized weight, LoRA factors (float32) and timings."""

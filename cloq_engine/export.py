@@ -1,164 +1,33 @@
-"""Start from and ship to the GPTQ ecosystem.
+"""Ship a prepared model to the GPTQ ecosystem and to plain transformers.
 
-* :func:`prepare_from_gptq`: keep the Q of an existing GPTQ checkpoint (AutoGPTQ / GPTQModel
-  layout, :mod:`.gptq_format`) and compute the calibrated LoRA init against the original W.
 * :func:`export_gptq`: write a prepared model's base in the GPTQ layout (``model.safetensors``,
   ``config.json`` with its ``quantization_config``, ``quantize_config.json``) plus the PEFT
   adapter in ``adapter/``, which transformers (with optimum/gptqmodel), vLLM and TGI load.
 * :func:`export_merged`: the dense merge (``merge_and_unload``) saved with ``save_pretrained``.
 
-``cmd_export`` and ``cmd_prepare_from_gptq`` are the ``cloq export`` / ``cloq prepare --from-gptq``
-commands.
+The way in from a GPTQ checkpoint, :func:`prepare_from_gptq`, is a prepare driver and lives in
+``hf/from_gptq.py``; it is importable from here under its old name.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 from . import gptq_format
+from .config import QuantMethod
+from .hf.from_gptq import check_checkpoint_fits, prepare_from_gptq, quant_config_for  # noqa: F401 (old names)
 from .hf.output_dir import EXPORT_MARKER, check_output_dir, is_cloq_export, write_dir_atomically
 from .hf.record import state_nbytes, superseded_weights
-from .config import LoRAConfig, QuantConfig, QuantMethod
-from .formats import QuantizedWeight
-from .nn import QuantLoRALinear, linear_weight
+from .nn import QuantLoRALinear
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-
-
-# ---- import -------------------------------------------------------------------------------------
-def quant_config_for(cfg: gptq_format.GPTQCheckpointConfig) -> QuantConfig:
-    """The QuantConfig that describes a GPTQ checkpoint's layers (ValueError if we cannot hold them)."""
-    try:
-        return QuantConfig(bits=cfg.bits, group_size=cfg.group_size, method="gptq", sym=cfg.sym)
-    except ValueError as e:
-        raise ValueError(f"this GPTQ checkpoint cannot be imported: {e}") from None
-
-
-def prepare_from_gptq(model: nn.Module, gptq_dir: str, lora_config: LoRAConfig, calib: Optional[Iterable] = None,
-                      progress: bool = False, max_error: Optional[float] = None) -> nn.Module:
-    """Replace the layers that ``gptq_dir`` quantized by :class:`QuantLoRALinear` holding exactly its Q,
-    with LoRA factors initialised by ``lora_config.init`` against ``model``'s original weights.
-
-    ``model`` is the original full-precision model the checkpoint was made from (layer names must
-    match). Calibrated inits ("cloq", "quailora") need ``calib`` and run block by block as
-    :func:`~cloq_engine.hf.prepare_model` does; ``requant_rounds`` is ignored (Q is kept).
-
-    Refused with ValueError before any work (:func:`check_checkpoint_fits`): a checkpoint whose
-    layer names or shapes differ from ``model``'s, that leaves out layers ``lora_config`` targets,
-    or whose Q is farther from ``model``'s W than ``max_error`` (default: per layer, the smaller of
-    1 and 4x the error of quantizing W itself at the checkpoint's bits and group size).
-    """
-    from . import calib as calib_mod
-    from . import init as init_mod
-    from .convert import mark_trainable, replace_modules
-    from .hf.prepare import LayerBuilder, PrepareReport, run_sequential
-
-    from .hf.checks import check_finite_weights
-
-    cfg = gptq_format.read_gptq_config(gptq_dir)
-    quant_config = quant_config_for(cfg)
-    check_finite_weights(model)
-    imported: Dict[str, QuantizedWeight] = gptq_format.load_gptq_weights(gptq_dir)
-    check_checkpoint_fits(model, imported, quant_config, lora_config, max_error=max_error)
-    modules = dict(model.named_modules())
-    targets = list(imported)
-    spec = init_mod.get_init(lora_config.init)
-    if spec.requantizes:
-        raise ValueError(f"init={lora_config.init.value!r} re-quantizes W; an imported Q is kept: use cloq, quailora, svd or zero")
-    opts = init_mod.init_options(lora_config)
-
-    def layer_fn(name, module, H):
-        W = linear_weight(module).float()
-        qw = imported[name].to(W.device)
-        rank = lora_config.rank_for(name)
-        A, B = init_mod.init_lora(W, qw, None if H is None else H.float(), rank, method=lora_config.init,
-                                  scaling=lora_config.scaling_for_rank(rank), **opts)
-        layer_config = LoRAConfig.from_dict({**lora_config.to_dict(), "rank": rank, "rank_pattern": {},
-                                             "requant_rounds": 0})
-        dtype = module.weight.dtype if module.weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-        return QuantLoRALinear.from_quantized(qw, A, B, layer_config, quant_config, bias=module.bias, dtype=dtype)
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    calib_list = None if calib is None else list(calib)
-    if spec.needs_H:
-        if not calib_list:
-            raise ValueError(f"init={lora_config.init.value!r} needs calibration data: pass `calib`")
-        class KeepQ(LayerBuilder):  # the sequential driver, building layers around the imported Q
-            def build(self, root, grams, prefix=""):
-                return {n: layer_fn(prefix + n, root.get_submodule(n), H) for n, H in grams.items()}
-
-        builder = KeepQ(quant_config, lora_config, PrepareReport(), report_mode="off")
-        run_sequential(model, targets, calib_mod.batch_samples(calib_list, 8, device), builder, progress=progress)
-    else:
-        replace_modules(model, {n: layer_fn(n, modules[n], None) for n in targets})
-    mark_trainable(model)
-    model.train(was_training)
-    model.cloq_config = {"quant": quant_config.to_dict(), "lora": lora_config.to_dict(), "targets": targets,
-                         "gptq_source": os.path.abspath(gptq_dir)}
-    return model
-
-
-FIT_ROWS = 256  # rows of each weight the fit check measures (rows quantize independently)
-FIT_VS_RTN = 4.0  # a checkpoint made from this W is within this factor of W's own RTN error
-
-
-def _relative_error(W: torch.Tensor, Q: torch.Tensor) -> float:
-    return float((W - Q).norm() / W.norm().clamp(min=1e-30))
-
-
-def check_checkpoint_fits(model: nn.Module, imported: Dict[str, QuantizedWeight], quant_config: QuantConfig,
-                          lora_config: LoRAConfig, max_error: Optional[float] = None) -> None:
-    """Refuse a GPTQ checkpoint that was not made from ``model``, saying by how much it differs:
-    layer names, shapes, layers it leaves out of ``lora_config``'s targets, and the relative
-    weight error ||W - Q|| / ||W|| (Q of another model is farther from W than zero is: >= 1)."""
-    from .hf.targets import find_targets
-    from .quant import quantize_weight
-
-    modules = dict(model.named_modules())
-    unknown = [n for n in imported if n not in modules]
-    if unknown:
-        raise ValueError(f"the GPTQ checkpoint has {len(unknown)} of its {len(imported)} layers under names the model "
-                         f"lacks, e.g. {unknown[:3]}: it was made from another model (pass the original)")
-    shapes = [(n, tuple(linear_weight(modules[n]).shape), tuple(q.shape)) for n, q in imported.items()
-              if tuple(linear_weight(modules[n]).shape) != tuple(q.shape)]
-    if shapes:
-        n, mine, theirs = shapes[0]
-        raise ValueError(f"{len(shapes)} of the GPTQ checkpoint's {len(imported)} layers differ in shape from the "
-                         f"model's, e.g. {n!r}: the model's weight is {mine}, the checkpoint's {theirs}")
-    wanted = find_targets(model, lora_config)
-    left_out = [t for t in wanted if t not in imported]
-    if left_out:
-        raise ValueError(f"the GPTQ checkpoint quantizes {len(wanted) - len(left_out)} of the {len(wanted)} layers "
-                         f"the LoRA config targets; {len(left_out)} are missing, e.g. {left_out[:3]}: was it made from "
-                         "this model? (or narrow `target_modules` / `exclude` to the layers it holds)")
-    rtn = QuantConfig(bits=quant_config.bits, group_size=quant_config.group_size, method="rtn", sym=quant_config.sym)
-    bad = []
-    with torch.no_grad():
-        for name, qw in imported.items():
-            W = linear_weight(modules[name]).detach().float()
-            rows = torch.linspace(0, W.shape[0] - 1, min(FIT_ROWS, W.shape[0])).long()
-            Q = qw.dequantize(torch.float32).to(W.device)[rows]
-            W = W[rows]
-            err = _relative_error(W, Q)
-            own = _relative_error(W, quantize_weight(W, rtn).dequantize(torch.float32))
-            limit = max_error if max_error is not None else min(1.0, FIT_VS_RTN * own)
-            if err > limit:
-                bad.append((err, name, own, limit))
-    if bad:
-        err, name, own, limit = max(bad)
-        raise ValueError(f"the GPTQ checkpoint's Q does not fit the model's weights in {len(bad)} of {len(imported)} "
-                         f"layers, worst {name!r}: ||W - Q|| / ||W|| = {err:.3f} where {quant_config.bits}-bit "
-                         f"g{quant_config.group_size} rounding of W itself gives {own:.3f} (limit {limit:.3f}): "
-                         "was it made from another model?")
 
 
 # ---- export -------------------------------------------------------------------------------------

@@ -53,6 +53,19 @@ def packed_rows(in_features: int, bits: int) -> int:
     return padded_k(in_features) * bits // 32
 
 
+def check_group_size(in_features: int, group_size: int, where: str = "") -> None:
+    """The one check that groups of ``group_size`` input columns tile ``in_features`` (-1: one
+    group); ``where`` prefixes the message (a layer's name)."""
+    if group_size != -1 and in_features % group_size:
+        raise ValueError(f"{where}in_features={in_features} is not divisible by group_size={group_size}; "
+                         f"use a divisor of {in_features} or -1")
+
+
+def group_count(in_features: int, group_size: int) -> int:
+    """Rows of ``scales`` / ``zeros``: one per group of ``group_size`` input columns (-1: one group)."""
+    return 1 if group_size == -1 else in_features // group_size
+
+
 def _check_bits(bits: int) -> None:
     if bits not in (2, 3, 4):
         raise ValueError(f"`bits` must be one of (2, 3, 4); got {bits!r}")
@@ -216,8 +229,7 @@ class QuantizedWeight:
         if self.method not in _METHOD_IDS:
             raise ValueError(f"`method` must be one of {tuple(_METHOD_IDS)}; got {self.method!r}")
         n, k = self.out_features, self.in_features
-        if self.group_size != -1 and k % self.group_size:
-            raise ValueError(f"in_features={k} is not divisible by group_size={self.group_size}")
+        check_group_size(k, self.group_size)
         if tuple(self.qweight.shape) != (packed_rows(k, self.bits), n) or self.qweight.dtype != torch.int32:
             raise ValueError(
                 f"qweight must be int32 of shape {(packed_rows(k, self.bits), n)}; "
@@ -242,7 +254,7 @@ class QuantizedWeight:
 
     @property
     def num_groups(self) -> int:
-        return self.in_features // self.effective_group_size
+        return group_count(self.in_features, self.group_size)
 
     @property
     def is_nf4(self) -> bool:

@@ -29,7 +29,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .formats import QuantizedWeight, pack_codes, unpack_codes
+from .formats import QuantizedWeight, check_group_size, group_count, pack_codes, unpack_codes
 
 FORMATS = ("gptq", "gptq_v2")  # checkpoint_format values: v1 (zero - 1 stored) and v2 (exact zero)
 
@@ -92,10 +92,9 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"`bits` must be 2, 3 or 4 to import; got {bits!r}")
     n = scales.shape[1]
     k = qweight.shape[0] * 32 // bits
+    check_group_size(k, group_size)
     g = k if group_size == -1 else group_size
-    if k % g:
-        raise ValueError(f"in_features={k} is not divisible by group_size={group_size}")
-    groups = k // g
+    groups = group_count(k, group_size)
     if tuple(scales.shape) != (groups, n) or tuple(qzeros.shape) != (groups, n * bits // 32):
         raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not match "
                          f"{groups} groups x {n} outputs at {bits} bits")

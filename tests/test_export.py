@@ -155,6 +155,8 @@ def test_cli_prepare_export_and_prepare_from_gptq_end_to_end(tmp_path, capsys):
     assert (tmp_path / "gq" / "tokenizer_config.json").is_file()
     assert cli.main(["prepare", "--from-gptq", str(tmp_path / "gq"), "--model", str(tmp_path / "m"),
                      "--out", str(tmp_path / "re"), *small]) == 0
+    printed = capsys.readouterr().out  # the per-layer table every prepare prints (before: one line)
+    assert "kept the Q of 14 GPTQ layers" in printed and "err +cloq" in printed and "14 layers, 2-bit gptq" in printed
     exported = gptq_format.load_gptq_weights(str(tmp_path / "gq"))
     model = ce.load_pretrained(tmp_path / "re")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}

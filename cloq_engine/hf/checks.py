@@ -1,23 +1,23 @@
-"""Checks around :func:`prepare_model`: refuse bad input before any work, warn where the result
+"""Checks around every prepare driver: refuse bad input before any work, warn where the result
 cannot be trusted, and leave the caller's model as it was when preparation fails.
 
-:func:`guarded` wraps ``prepare_model``: it materialises ``calib`` once, runs the checks below,
-snapshots what preparation changes (the target modules, ``requires_grad``, train/eval modes and
-the attributes it sets) and puts it all back if anything raises, KeyboardInterrupt included.
+The plan step (``hf/plan.py``) runs the checks below; :func:`guarded` is the context every driver
+does its work in: it snapshots what preparation changes (the target modules, ``requires_grad``,
+train/eval modes and the attributes it sets) and puts it all back if anything raises,
+KeyboardInterrupt included.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from ..config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
 from ..nn import QuantLoRALinear, linear_weight
-from .experts import experts_modules, find_expert_targets
-from .targets import find_targets, is_linear_like, output_embedding_names, replace_modules
+from .experts import experts_modules
+from .targets import is_linear_like, output_embedding_names, replace_modules
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,6 @@ def check_calibration(model: nn.Module, calib: List) -> int:
     return total
 
 
-def needs_calibration(quant_config: QuantConfig, lora_config: LoRAConfig) -> bool:
-    return quant_config.method == QuantMethod.GPTQ or lora_config.init in (InitMethod.CLOQ, InitMethod.QUAILORA)
-
-
 def underdetermined_layers(model: nn.Module, targets: List[str], tokens: int) -> Dict[str, int]:
     """Targets whose in_features exceed the calibration tokens: their H = X^T X is singular, and
     GPTQ/CLoQ fit the calibration data itself (the calibrated error reads ~0 and means nothing)."""
@@ -124,10 +120,11 @@ def underdetermined_layers(model: nn.Module, targets: List[str], tokens: int) ->
     return out
 
 
-def warn_underdetermined(model: nn.Module, targets: List[str], tokens: int, quant_config, lora_config) -> Dict[str, int]:
-    """Warn (once, naming the worst layer) when a calibrated method gets fewer tokens than some
-    target's in_features; returns those targets (the report's ``underdetermined``)."""
-    if not tokens or not isinstance(quant_config, QuantConfig) or not needs_calibration(quant_config, lora_config):
+def warn_underdetermined(model: nn.Module, targets: List[str], tokens: int, calibrated: bool) -> Dict[str, int]:
+    """Warn (once, naming the worst layer) when a calibrated method (``calibrated``: the quantizer
+    or the init reads H) gets fewer tokens than some target's in_features; returns those targets
+    (the report's ``underdetermined``)."""
+    if not tokens or not calibrated:
         return {}
     thin = underdetermined_layers(model, targets, tokens)
     if thin:
@@ -139,11 +136,12 @@ def warn_underdetermined(model: nn.Module, targets: List[str], tokens: int, quan
     return thin
 
 
-def untargeted_weights(model: nn.Module, targets: List[str], lora_config: LoRAConfig) -> List[str]:
+def untargeted_weights(model: nn.Module, targets: List[str]) -> List[str]:
     """Weight matrices preparation leaves in full precision that are not plain leftovers: stacked
     (3-D) tensors that are not targeted expert projections, and 2-D weights of modules that are
-    neither linear layers, embeddings nor normalisations (custom projections, routers)."""
-    target_set = set(targets) | set(find_expert_targets(model, lora_config))
+    neither linear layers, embeddings nor normalisations (custom projections, routers).
+    ``targets``: every target, linear layers and expert projections."""
+    target_set = set(targets)
     heads = set(output_embedding_names(model))
     left = []
     for mod_name, module in model.named_modules():
@@ -159,8 +157,8 @@ def untargeted_weights(model: nn.Module, targets: List[str], lora_config: LoRACo
     return left
 
 
-def warn_untargeted(model: nn.Module, targets: List[str], lora_config: LoRAConfig) -> List[str]:
-    left = untargeted_weights(model, targets, lora_config)
+def warn_untargeted(model: nn.Module, targets: List[str]) -> List[str]:
+    left = untargeted_weights(model, targets)
     if left:
         params = dict(model.named_parameters())
         n_left = sum(params[n].numel() for n in left if n in params)
@@ -215,31 +213,23 @@ class _Snapshot:
                 delattr(self.config, "quantization_config")
 
 
-def guarded(prepare):
-    """Decorate ``prepare_model``: checks before any work, the caller's model restored on failure."""
+@contextlib.contextmanager
+def guarded(model: nn.Module, plan):
+    """Around a prepare driver's work on ``model`` (after its plan, ``hf/plan.py``): the model in
+    eval mode while it is calibrated, its train/eval mode given back after, and its experts modules
+    run by cloq's experts implementation (which records their inputs, dense or packed); if anything
+    raises, KeyboardInterrupt included, the caller's model is put back as it was (every driver, the
+    same way)."""
+    from ..experts import use_cloq_experts
 
-    @functools.wraps(prepare)
-    def wrapper(model, quant_config, lora_config, calib=None, *args, **kwargs):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
-        check_not_prepared(model)
-        check_finite_weights(model)
-        if not isinstance(lora_config, LoRAConfig):
-            return prepare(model, quant_config, lora_config, calib, *args, **kwargs)  # prepare_model says why
-        targets = find_targets(model, lora_config)
-        calib = None if calib is None else list(calib)
-        tokens = check_calibration(model, calib) if calib else 0
-        thin = warn_underdetermined(model, targets, tokens, quant_config, lora_config)
-        untargeted = warn_untargeted(model, targets, lora_config)
-        snapshot = _Snapshot(model, targets)
-        try:
-            out = prepare(model, quant_config, lora_config, calib, *args, **kwargs)
-        except BaseException:
-            snapshot.restore()
-            raise
-        report = getattr(out, "cloq_report", None)
-        if report is not None:
-            report.calib_tokens, report.underdetermined, report.full_precision = tokens, thin, untargeted
-        return out
-
-    return wrapper
+    snapshot = _Snapshot(model, plan.targets)
+    was_training = model.training
+    model.eval()
+    if plan.expert_targets:
+        use_cloq_experts(model)
+    try:
+        yield
+    except BaseException:
+        snapshot.restore()
+        raise
+    model.train(was_training)

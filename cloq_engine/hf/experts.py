@@ -28,8 +28,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..config import InitMethod, LoRAConfig, QuantConfig, QuantMethod
-from ..convert import LayerInit, factor_dtype, quantize_and_init
+from ..config import LoRAConfig, QuantConfig
+from ..convert import LayerInit, factor_dtype, needs_calibration, quantize_and_init
+from ..init import get_init
+from ..quant import get_quantizer
 from ..experts import (RECORDER_ATTR, QuantLoRAExperts, dense_expert_weight, is_experts_module,
                        projection_names)
 from ..gram import GramAccumulator
@@ -197,20 +199,17 @@ def run_stopping(fn, *args, **kwargs) -> None:
 # ---------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------
-def _needs_H(quant_config: QuantConfig, lora_config: LoRAConfig) -> bool:
-    return quant_config.method == QuantMethod.GPTQ or lora_config.init in (InitMethod.CLOQ, InitMethod.QUAILORA)
-
-
 def expert_plan(tokens: int, in_features: int, quant_config: QuantConfig, lora_config: LoRAConfig,
                 calibrated: bool) -> Tuple[QuantConfig, LoRAConfig, str]:
     """The configs one expert is prepared with and its fallback ("none", "damped", "rtn+zero");
     see the module docstring. ``calibrated``: the run has calibration data at all."""
-    if not calibrated or not _needs_H(quant_config, lora_config) or tokens >= in_features:
+    if not calibrated or not needs_calibration(quant_config, lora_config) or tokens >= in_features:
         return quant_config, lora_config, "none"
-    if tokens == 0:
-        qc = dataclasses.replace(quant_config, method="rtn") if quant_config.method == QuantMethod.GPTQ else quant_config
+    if tokens == 0:  # what reads H (the registries' needs_H) falls back to what does not
+        qc = dataclasses.replace(quant_config, method="rtn") if get_quantizer(quant_config.method).needs_H \
+            else quant_config
         lc = lora_config
-        if lora_config.init in (InitMethod.CLOQ, InitMethod.QUAILORA):
+        if get_init(lora_config.init).needs_H:
             lc = dataclasses.replace(lora_config, init="zero", requant_rounds=0)
         return qc, lc, "rtn+zero"
     qc = dataclasses.replace(quant_config, damp=max(quant_config.damp, THIN_DAMP))

@@ -26,12 +26,12 @@ from torch import nn
 from ..convert import mark_trainable
 from ..nn import QUANT_BUFFERS
 from .output_dir import check_output_dir, recover_interrupted, write_dir_atomically
-from .quantizer import attach_quantization_config
 from .record import (ALIASES_KEY, CONFIG_NAME, FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME,  # noqa: F401 (re-exported)
                      add_perm_buffers, check_quantized_tensors, check_targets_quantized, checkpoint_shapes,
                      deduplicated_state_dict, empty_quant_layer, hf_config_dict, parse_record, quantization_record, read_aliases,
                      same_view, state_nbytes, storage_key, superseded_weights, swap_in_empty_layers, tensor_checksum,
                      tie_aliases, verify_checksums)
+from .quantizer import set_cloq_config, update_cloq_config
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def save_pretrained(model: nn.Module, save_directory, tokenizer=None, overwrite:
         write_side_files(tmp, model, config_dict, tokenizer)
 
     write_dir_atomically(target, write, nbytes=state_nbytes(state), superseded=superseded_weights)
-    model.cloq_config["checkpoint"] = target  # what an exported adapter names as its base
+    update_cloq_config(model, checkpoint=target)  # what an exported adapter names as its base
     logger.info("saved %d tensors (%d tied) to %s", len(state), len(aliases), target)
     return target
 
@@ -326,11 +326,9 @@ def _skeleton(path: str, dtype: Optional[torch.dtype]) -> Tuple[nn.Module, dict]
     check_quantized_tensors(model, targets, set(shapes) | set(read_aliases([weights])) | set(_declared_ties(model, shapes)),
                             weights)
     mark_trainable(model)
-    model.cloq_config = {"quant": qc.to_dict(), "lora": lc.to_dict(), "targets": targets, "checkpoint": path}
-    for key in ("base_model", "finetuned"):
-        if raw["quantization_config"].get(key):
-            model.cloq_config[key] = raw["quantization_config"][key]
-    attach_quantization_config(model)
+    recorded = raw["quantization_config"]
+    set_cloq_config(model, qc, lc, targets, checkpoint=path, base_model=recorded.get("base_model") or None,
+                    finetuned=recorded.get("finetuned") or None)
     return model, raw
 
 

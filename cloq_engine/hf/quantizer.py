@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
+from torch import nn
 
 from ..convert import mark_trainable
 from .record import (FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, add_perm_buffers, check_quantized_tensors,
@@ -97,10 +98,10 @@ def _classes():
             qc = self.quantization_config
             tie_aliases(model, self._aliases)
             mark_trainable(model)
-            model.cloq_config = {"quant": qc.quant_config.to_dict(), "lora": qc.lora_config.to_dict(),
-                                 "targets": list(qc.targets)}
-            if qc.base_model:  # kept through a re-save: `cloq eval` and PEFT export find the original there
-                model.cloq_config["base_model"] = qc.base_model
+            # base_model kept through a re-save: `cloq eval` and PEFT export find the original there;
+            # transformers has put this record on the config already
+            set_cloq_config(model, qc.quant_config, qc.lora_config, qc.targets, base_model=qc.base_model or None,
+                            attach=False)
             return model
 
         def _dequantize(self, model, dtype=None):
@@ -170,6 +171,51 @@ def attach_quantization_config(model) -> None:
     config.quantization_config = config_cls(**{k: record[k] for k in ("quant", "lora", "targets", "base_model") if k in record})
 
 
+# ---------------------------------------------------------------------------------------------
+# The record on a prepared model (``model.cloq_config``) and its mirror on the HF config
+# ---------------------------------------------------------------------------------------------
+RECORD_FIELDS = ("base_model", "gptq_source", "checkpoint", "finetuned")  # beside quant, lora, targets
+_MIRRORED = ("base_model",)  # the fields the HF config's quantization_config carries too
+
+
+def set_cloq_config(model: nn.Module, quant_config, lora_config, targets: List[str], *, attach: bool = True,
+                    **fields) -> dict:
+    """Record what a model was prepared with in ``model.cloq_config`` (the one place that writes
+    it): ``quant`` and ``lora`` (configs or their dicts), ``targets``, and the ``fields`` of
+    :data:`RECORD_FIELDS` that are given. ``attach``: put the record on the model's HF config
+    too (:func:`attach_quantization_config`), so transformers' own save_pretrained and
+    Trainer checkpoints reload; the loader that transformers drives has put it there already."""
+    unknown = set(fields) - set(RECORD_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown cloq_config field(s) {sorted(unknown)}; known: {RECORD_FIELDS}")
+    as_dict = lambda c: c.to_dict() if hasattr(c, "to_dict") else dict(c)  # noqa: E731
+    record = {"quant": as_dict(quant_config), "lora": as_dict(lora_config), "targets": list(targets)}
+    record.update({k: v for k, v in fields.items() if v is not None})
+    model.cloq_config = record
+    if attach:
+        _attach(model)
+    return record
+
+
+def update_cloq_config(model: nn.Module, **fields) -> None:
+    """Set ``fields`` (of :data:`RECORD_FIELDS`) of a prepared model's record: where it was saved,
+    its full-precision source, its fine-tuning; the HF config follows where it mirrors a field."""
+    record = getattr(model, "cloq_config", None)
+    if not isinstance(record, dict):
+        raise ValueError(f"{type(model).__name__} has no `cloq_config`: prepare it with cloq_engine.prepare_model first")
+    unknown = set(fields) - set(RECORD_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown cloq_config field(s) {sorted(unknown)}; known: {RECORD_FIELDS}")
+    record.update(fields)
+    if set(fields) & set(_MIRRORED):
+        _attach(model)
+
+
+def _attach(model: nn.Module) -> None:
+    if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
+        attach_quantization_config(model)
+
+
 def _classes_registered():
     register_transformers_quantizer()
     from transformers.quantizers import auto
@@ -211,4 +257,5 @@ def register_when_transformers_loads() -> None:
         after_import(REGISTRY_MODULE, register_transformers_quantizer)
 
 
-__all__ = ["register_transformers_quantizer", "register_when_transformers_loads", "attach_quantization_config"]
+__all__ = ["register_transformers_quantizer", "register_when_transformers_loads", "attach_quantization_config",
+           "set_cloq_config", "update_cloq_config"]

@@ -37,19 +37,18 @@ from torch import nn
 
 from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
-from ..convert import cast_dense, mark_trainable, replace_modules, stored_state
+from ..convert import cast_dense, replace_modules, stored_state
 from ..formats import QUANT_BUFFERS
+from . import experts as moe
+from .builder import LayerBuilder
+from .checks import guarded
 from .output_dir import check_free_space, write_dir_atomically
-from .fit import fit_ranks, warn_tied_heads
 from .persistence import model_class_for, owned, read_generation_config, write_side_files
+from .pipeline import finish, run_blocks
+from .plan import check_configs, plan_prepare
 from .record import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, empty_quant_layer, hf_config_dict, quantization_record,
                      same_view, state_nbytes, storage_key, superseded_weights, tensor_checksum)
-from ..experts import use_cloq_experts
-from . import experts as moe
-from .checks import check_calibration, warn_underdetermined, warn_untargeted
-from .prepare import (REPORT_MODES, BlockReport, ExpertReport, LayerBuilder, LayerReport, PrepareReport, check_layers,
-                      finish, needs_calibration, prepare_experts, run_sequential)
-from .targets import find_targets
+from .report import BlockReport, ExpertReport, LayerReport, PrepareReport
 
 logger = logging.getLogger(__name__)
 
@@ -304,8 +303,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    if report not in REPORT_MODES:
-        raise ValueError(f"`report` must be one of {REPORT_MODES}; got {report!r}")
+    check_configs(quant_config, lora_config, report)  # before the config and shards are read
     model_path = os.path.abspath(os.fspath(model_path))
     out = os.path.abspath(os.fspath(out))
     partial = out + PARTIAL_SUFFIX
@@ -320,34 +318,26 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     dtype = dtype or next(model.parameters()).dtype
     reader = ShardReader(model_path)
 
-    targets = find_targets(model, lora_config)
-    lora_config = fit_ranks(model, targets, lora_config)
-    check_layers(model, targets, quant_config, lora_config)
-    warn_tied_heads(model, targets, quant_config, lora_config)
-    expert_targets = moe.find_expert_targets(model, lora_config)
-    moe.check_expert_targets(model, expert_targets, quant_config, lora_config)
-    if expert_targets:
-        use_cloq_experts(model)
-    stack = calib_mod.find_block_stack(model, targets + expert_targets)
-    if stack is None:
-        raise ValueError(f"{type(model).__name__} has no stack of blocks holding the targets: use prepare_model")
-    stack_name, blocks = stack
+
+    def streamable(model: nn.Module, targets: List[str], expert_targets: List[str]) -> None:
+        stack = calib_mod.find_block_stack(model, targets + expert_targets)
+        if stack is None:
+            raise ValueError(f"{type(model).__name__} has no stack of blocks holding the targets: use prepare_model")
+        outside = [t for t in expert_targets if not t.startswith(stack[0] + ".")]
+        if outside:
+            raise ValueError(f"expert targets outside the block stack {outside[:3]} need the whole model in "
+                             "memory: exclude them or use prepare_model")
+
+    # the meta model has the vocabulary and positions the calibration checks need; the shards are
+    # checked for NaN/Inf before any calibration (a NaN would surface only when its block is reached)
+    plan = plan_prepare(model, quant_config, lora_config, calib, batch_size=batch_size, device=device, report=report,
+                        check_finite=lambda _: reader.check_finite(), check_layout=streamable)
+    quant_config, lora_config = plan.quant_config, plan.lora_config
+    targets, expert_targets, batches = plan.targets, plan.expert_targets, plan.batches
+    stack_name, blocks = calib_mod.find_block_stack(model, plan.all_targets)
     # Targets outside the stack (BERT's pooler, a targeted lm_head) are prepared after the last
     # block, from the stream's final hidden states (calib.tail_grams), and kept in <out>.partial/.
     outside_targets = [t for t in targets if not t.startswith(stack_name + ".")]
-    outside_experts = [t for t in expert_targets if not t.startswith(stack_name + ".")]
-    if outside_experts:
-        raise ValueError(f"expert targets outside the block stack {outside_experts[:3]} need the whole model in "
-                         "memory: exclude them or use prepare_model")
-    reader.check_finite()  # before any calibration: a NaN would surface only when its block is reached
-    calib = None if calib is None else list(calib)
-    tokens = check_calibration(model, calib) if calib else 0  # the meta model has the vocabulary and positions
-    underdetermined = warn_underdetermined(model, targets, tokens, quant_config, lora_config)
-    untargeted = warn_untargeted(model, targets, lora_config)
-    batches = [] if calib is None else calib_mod.batch_samples(calib, batch_size, device)
-    if not batches and needs_calibration(quant_config, lora_config):
-        raise ValueError(f"method={quant_config.method.value!r} with init={lora_config.init.value!r} needs "
-                         "calibration data: pass `calib`")
 
     # Everything outside the stack (embeddings, final norm, head) stays loaded.
     outside = [k for k in model.state_dict() if not k.startswith(stack_name + ".")]
@@ -359,11 +349,11 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     fingerprint = _fingerprint(model_path, quant_config, lora_config, targets + expert_targets, batches,
                                true_sequential, batch_size, dtype if storage_dtype is None else f"{dtype}->{storage_dtype}")
     start = _open_partial(partial, fingerprint, resume, len(blocks))
-    rep = PrepareReport(calib_tokens=tokens, underdetermined=underdetermined, full_precision=untargeted)
+    rep = plan.new_report()
     rows = _ReportRows(rep)
     for i in range(start):
         rows.load(_block_file(partial, i))
-    builder = LayerBuilder(quant_config, lora_config, rep, report)
+    builder = LayerBuilder(plan, rep)
     loaded = set()
 
     def before_block(i: int, block: nn.Module) -> None:
@@ -411,42 +401,26 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     t0 = time.perf_counter()
     tail = os.path.join(partial, TAIL_FILE)
     tail_done = not outside_targets or os.path.isfile(tail)
-    if start == len(blocks) and tail_done:  # killed while assembling: everything is written already
-        pass
-    elif batches:  # a resumed run with every block done still runs them forward, for the tail's inputs
-        before_block(0, blocks[0])  # block 0 runs while its inputs are captured
-        run_sequential(model, [t for t in targets if t not in outside_targets or not tail_done], batches, builder,
+    with guarded(model, plan):
+        if not (start == len(blocks) and tail_done):  # else killed while assembling: everything is written
+            # a resumed run with every block done still runs them forward, for the tail's inputs
+            run_blocks(model, plan, builder, targets=[t for t in targets if t not in outside_targets or not tail_done],
                        true_sequential=true_sequential, progress=progress, start=start, before_block=before_block,
-                       after_block=after_block, expert_targets=expert_targets)
-    else:
-        for i, block in enumerate(blocks):
-            before_block(i, block)
-            if i >= start:
-                prefix = f"{stack_name}.{i}."
-                names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
-                for n in names:
-                    replace_modules(block, builder.build(block, {n: None}, prefix))
-                prepare_experts(block, [t[len(prefix):] for t in expert_targets if t.startswith(prefix)], builder,
-                                prefix)
-            after_block(i, block)
-        if not tail_done:
-            replace_modules(model, builder.build(model, {n: None for n in outside_targets}))
-    if outside_targets and tail_done:  # prepared by an earlier run
-        replace_modules(model, {t: empty_quant_layer(t, model.get_submodule(t), quant_config, lora_config, dtype)
-                                for t in outside_targets})
-        from safetensors.torch import load_file
+                       after_block=after_block)
+        if outside_targets and tail_done:  # prepared by an earlier run
+            replace_modules(model, {t: empty_quant_layer(t, model.get_submodule(t), quant_config, lora_config, dtype)
+                                    for t in outside_targets})
+            from safetensors.torch import load_file
 
-        model.load_state_dict({k: owned(v) for k, v in load_file(tail, device=str(device)).items()}, strict=False,
-                              assign=True)
-        rows.load(tail)
-    elif outside_targets:
-        _check_space(partial, {k: v for t in outside_targets for k, v in _prefixed(model, t).items()})
-        _save_atomic({k: v for t in outside_targets for k, v in _prefixed(model, t).items()}, tail)
-        rows.save(tail)
-    rep.total_s = time.perf_counter() - t0
-
-    finish(model, quant_config, lora_config, targets + expert_targets)
-    model.cloq_config["base_model"] = model_path
+            model.load_state_dict({k: owned(v) for k, v in load_file(tail, device=str(device)).items()}, strict=False,
+                                  assign=True)
+            rows.load(tail)
+        elif outside_targets:
+            _check_space(partial, {k: v for t in outside_targets for k, v in _prefixed(model, t).items()})
+            _save_atomic({k: v for t in outside_targets for k, v in _prefixed(model, t).items()}, tail)
+            rows.save(tail)
+        rep.total_s = time.perf_counter() - t0
+        finish(model, plan, rep, base_model=model_path)
     if storage_dtype is not None:  # the blocks are on meta by now: this casts the tensors outside the stack
         cast_dense(model, storage_dtype)
     state, aliases = _outside_state(model, stack_name)

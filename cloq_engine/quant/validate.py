@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import QuantConfig
+from ..formats import check_group_size
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FP16_MAX = 65504.0
@@ -20,11 +21,7 @@ def check_weight(W: torch.Tensor, config: QuantConfig) -> None:
         raise ValueError("W contains NaN or Inf values")
     if W.abs().max() > _FP16_MAX:
         raise ValueError(f"W has values beyond the float16 range (|w| > {_FP16_MAX:g}); scales are stored as float16")
-    k = W.shape[1]
-    if config.group_size != -1 and k % config.group_size:
-        raise ValueError(
-            f"in_features={k} is not divisible by group_size={config.group_size}; use a divisor of {k} or -1"
-        )
+    check_group_size(W.shape[1], config.group_size)
 
 
 def check_hessian(H: torch.Tensor, in_features: int) -> None:

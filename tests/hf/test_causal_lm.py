@@ -70,7 +70,7 @@ CLI_FAST = ["--bits", "4", "--group-size", "32", "--samples", "4", "--seq-len", 
 
 # -- GQA -------------------------------------------------------------------------------------------
 def test_gqa_q_k_v_share_one_gram_and_one_gptq_and_the_model_runs(monkeypatch):
-    from cloq_engine.hf import prepare as prep
+    from cloq_engine.hf import builder as prep
 
     groups = []
     real = prep.quantize_and_init

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cloq_engine as ce
-from cloq_engine.hf import prepare as prepare_mod
+from cloq_engine.hf import builder as builder_mod
 from cloq_engine.nn import QuantLoRALinear
 from tiny_models import VOCAB, tiny_calib, tiny_model
 
@@ -26,7 +26,7 @@ def test_failure_part_way_leaves_the_model_as_it_was(exc, monkeypatch):
     model = tiny_model("llama").train()
     model.model.layers[0].mlp.eval()  # a mixed train/eval state is kept too
     before = state_of(model)
-    real, calls = prepare_mod.build_layer, []
+    real, calls = builder_mod.build_layer, []
 
     def fail_on_fifth(*args, **kwargs):
         calls.append(args[0])
@@ -34,7 +34,7 @@ def test_failure_part_way_leaves_the_model_as_it_was(exc, monkeypatch):
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prepare_mod, "build_layer", fail_on_fifth)
+    monkeypatch.setattr(builder_mod, "build_layer", fail_on_fifth)
     with pytest.raises(type(exc)):
         ce.prepare_model(model, GPTQ, CLOQ, calib=tiny_calib(8))
     after = state_of(model)
