@@ -34,8 +34,8 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 # Submodules reachable as attributes (``ce.hf``, ``ce.init``, ...): the engine's layers. The command
-# line's internals (cli, commands) and the research harness (study, tasks, variants, finetune) are
-# not part of the API: import them by their full name where they are needed.
+# line's internals (cli, commands, finetune) and the research harness (research/: the fine-tuning
+# study) are not part of the API: import them by their full name where they are needed.
 _SUBMODULES = {"config", "formats", "quant", "gram", "linalg", "init", "calib", "convert", "nn", "experts",
                "layer_forward", "backends", "kernels", "hf", "export", "gptq_format", "rank_plan", "data",
                "models", "eval"}

@@ -557,7 +557,7 @@ def cmd_eval(args) -> int:
 # -- compare ----------------------------------------------------------------------------------------
 def cmd_compare(args) -> int:
     from .hf import prepare_model
-    from .variants import resolve_variant
+    from .research.variants import resolve_variant
 
     quant_defaults(args)
     _check_seq_len(args.seq_len)
@@ -568,7 +568,7 @@ def cmd_compare(args) -> int:
     for bits in args.bits:
         for init in args.inits:
             t0 = time.perf_counter()
-            # LoftQ alternates with its own RTN quantizer; cloq+requant/+ranks are CLoQ variants (variants.py)
+            # LoftQ alternates with its own RTN quantizer; cloq+requant/+ranks are CLoQ variants (research/variants.py)
             qc, lc = resolve_variant(init, _lora_config(args, init),
                                      QuantConfig(bits=bits, group_size=args.group_size, method=args.quantizer,
                                                  **_quant_flags(args)), base, calib)

@@ -1,28 +1,17 @@
 """The fine-tuning study's pieces (tasks, training loop, variants) and ``cloq bench finetune``
 end to end at tiny settings. Mechanics only: no quality outcome is asserted."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import finetune as bench_finetune
 from cloq_engine import data
 from cloq_engine.eval import classification_scores
-from cloq_engine.finetune import TrainSettings, _schedule, train_lora
-from cloq_engine.tasks import Split, Task, TaskSettings, make_task
+from cloq_engine.research.tasks import Split, Task, TaskSettings, make_task
+from cloq_engine.research.training import TrainSettings, _schedule, train_lora
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "finetune.py"
 TINY = TaskSettings(max_len=24, eval_samples=12, curve_samples=4, lm_seq_len=16, lm_blocks=20, eval_batch=8)
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_finetune", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _tiny_dir(path, arch: str) -> str:
@@ -141,7 +130,7 @@ def _run(tmp_path, model_dir, extra=()):
             "--batch-size", "4", "--lr-grid", "1e-3", "3e-3", "--samples", "4", "--seq-len", "16",
             "--max-len", "24", "--eval-samples", "12", "--curve-samples", "4", "--workers", "1", "--no-progress",
             "--out", str(tmp_path / "study"), *extra]
-    return _bench().main(argv)
+    return bench_finetune.main(argv)
 
 
 @pytest.mark.slow
@@ -196,7 +185,7 @@ def test_bench_finetune_at_init_prepares_and_scores_only(tmp_path, tiny_llama, c
 
 
 def test_topic_choices_hold_the_answer_among_four_distinct_titles():
-    from cloq_engine.tasks import MC_CHOICES, CausalLMTask
+    from cloq_engine.research.tasks import MC_CHOICES, CausalLMTask
 
     tok = __import__("transformers").AutoTokenizer.from_pretrained(data.minilm_path())
     task = CausalLMTask.__new__(CausalLMTask)
@@ -209,7 +198,7 @@ def test_topic_choices_hold_the_answer_among_four_distinct_titles():
 
 
 def test_quick_mode_settings_and_an_explicit_option_wins():
-    bench = _bench()
+    bench = bench_finetune
     a = bench.parse_args(["--quick"])
     assert (a.bits, a.inits, a.seeds, a.steps) == ([2], ["zero", "cloq"], 2, 8)
     assert bench.parse_args(["--quick", "--steps", "5"]).steps == 5

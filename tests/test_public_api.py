@@ -27,7 +27,7 @@ def test_import_stays_free_of_torch_and_transformers_and_internals_are_not_attri
 import sys
 import cloq_engine as ce
 assert "transformers" not in sys.modules and "torch" not in sys.modules, "eager import"
-for internal in ("commands", "study", "tasks", "variants", "cli", "finetune"):
+for internal in ("commands", "research", "cli", "finetune"):
     try:
         getattr(ce, internal)
     except AttributeError:

@@ -53,7 +53,7 @@ def test_calibrated_inits_are_balanced_by_default_and_others_are_not():
 
 
 def test_the_cloq_study_variant_is_the_published_split():
-    from cloq_engine.variants import resolve_variant
+    from cloq_engine.research.variants import resolve_variant
 
     qc = ce.QuantConfig(bits=2, group_size=32, method="rtn")
     assert resolve_variant("cloq", ce.LoRAConfig(), qc)[1].balances() is False

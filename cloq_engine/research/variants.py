@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 from torch import nn
 
-from .config import LoRAConfig, QuantConfig
+from ..config import LoRAConfig, QuantConfig
 
 # name -> (LoRAConfig, QuantConfig, base model, calibration) -> (QuantConfig, LoRAConfig)
 _Resolver = Callable[[LoRAConfig, QuantConfig, Optional[nn.Module], Optional[list]], Tuple[QuantConfig, LoRAConfig]]
@@ -62,7 +62,7 @@ def _balanced(lc, qc, base, calib):
 
 @register_variant("cloq+ranks")
 def _ranks(lc, qc, base, calib):
-    from .rank_plan import plan_ranks
+    from ..rank_plan import plan_ranks
 
     if base is None or calib is None:
         raise ValueError("the cloq+ranks variant plans ranks on the model: pass the base model and calibration data")

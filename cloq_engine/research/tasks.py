@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from . import data
-from .eval import classification_scores, embedding_agreement, mean_pool
+from .. import data
+from ..eval import classification_scores, embedding_agreement, mean_pool
 
 VAL_EVERY = 5  # every fifth training example is validation
 

@@ -25,10 +25,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from . import data
-from .config import LoRAConfig, QuantConfig
-from .finetune import TrainSettings, linear_probe, train_lora
+from .. import data
+from ..config import LoRAConfig, QuantConfig
 from .tasks import TaskSettings, make_task
+from .training import TrainSettings, linear_probe, train_lora
 
 FULL_PRECISION = "full-precision"  # the ceiling: LoRA (PEFT) on the full-precision base
 CACHE_VERSION = 2  # 2: calibrated inits balanced by default (LoRAConfig.balance=None)
@@ -95,7 +95,7 @@ def cache_key(bits: int, variant: str) -> str:
 
 
 def _fingerprint(cfg: StudyConfig, bits: int, variant: str) -> dict:
-    from . import __version__
+    from .. import __version__
 
     return {"cache_version": CACHE_VERSION, "engine": __version__, "model": cfg.model or "embedded MiniLM",
             "bits": bits, "variant": variant, "rank": cfg.rank, "alpha": cfg.alpha or cfg.rank,
@@ -105,7 +105,7 @@ def _fingerprint(cfg: StudyConfig, bits: int, variant: str) -> dict:
 def _prepared(bits: int, variant: str):
     """The prepared model of (bits, variant) from the cache, preparing and caching it if needed.
     Returns (model, prepare record)."""
-    from .hf import load_pretrained, prepare_model, save_pretrained
+    from ..hf import load_pretrained, prepare_model, save_pretrained
     from .variants import resolve_variant
 
     cfg = _STATE["cfg"]
@@ -174,7 +174,7 @@ def _prepare(job: dict) -> dict:
 # -- train ------------------------------------------------------------------------------------------
 def target_names(base: nn.Module, rank: int) -> List[str]:
     """The layers a prepare targets (the default LoRAConfig's): the ceiling's PEFT targets."""
-    from .hf.targets import find_targets
+    from ..hf.targets import find_targets
 
     return list(find_targets(base, LoRAConfig(rank=rank)))
 
@@ -192,7 +192,7 @@ def _full_precision_lora(seed: int, targets: List[str]) -> nn.Module:
 def _redraw_zero_A(model: nn.Module, seed: int) -> None:
     """A zero init's A is random (B = 0, so the model at init does not depend on it): each seed
     draws its own, as PEFT would for a fresh run."""
-    from .nn import QuantLoRALinear
+    from ..nn import QuantLoRALinear
 
     g = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
