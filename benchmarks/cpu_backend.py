@@ -5,22 +5,20 @@ M in {1, 16, 256} rows on several (out, in) shapes and bit widths, plus the C++ 
 against the Python ones. ``--tune`` also sweeps the blocked path's BLOCK_K and the fused/blocked
 crossover in M. Prints a table and writes JSON.
 
-    python benchmarks/cpu_backend.py --out results/cpu_backend.json
-    python benchmarks/cpu_backend.py --quick            # small shapes only
-    python benchmarks/cpu_backend.py --tune --out results/cpu_backend_tune.json
+    cloq bench cpu_backend --out results/cpu_backend.json
+    cloq bench cpu_backend --quick            # small shapes only
+    cloq bench cpu_backend --tune --out results/cpu_backend_tune.json
 
 "torch" is the reference backend as shipped (its unpack already uses the C++ fast path when the
 extension is loaded); "torch_py" is the same with the pure-Python unpack (as without the extension).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import platform
-import statistics
-import time
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -30,24 +28,21 @@ from cloq_engine.backends import torch_ref
 from cloq_engine.config import QuantConfig
 from cloq_engine.quant import quantize_weight
 
+from . import common
+
 logger = logging.getLogger("benchmarks.cpu_backend")
 
 SHAPES = [(1536, 384), (384, 1536), (4096, 4096)]  # (out_features, in_features)
 QUICK_SHAPES = [(1536, 384), (384, 1536)]
+SMOKE_SHAPES = [(96, 128)]  # --smoke: runs every code path at once, times nothing of interest
 MS = [1, 16, 256]
 BITS = [2, 3, 4]
 RANK = 16
 
 
-def median_time(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_time(fn, reps: int) -> float:
+    """Median wall seconds of ``reps`` calls after one warm-up call."""
+    return common.timed(fn, reps, warmup=1).wall_s
 
 
 @contextmanager
@@ -202,11 +197,12 @@ def print_tables(res: dict) -> None:
             )
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = common.parser("cpu_backend", __doc__)
     p.add_argument("--out", default="results/cpu_backend.json", help="JSON output path")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per case (median)")
     p.add_argument("--quick", action="store_true", help="small shapes only, no torch_py column")
+    p.add_argument("--smoke", action="store_true", help="one tiny shape, 2 repetitions: tests the script")
     p.add_argument("--tune", action="store_true", help="also sweep BLOCK_K and the fused/blocked crossover")
     p.add_argument("--no-torch-py", action="store_true", help="skip the pure-Python reference column")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -227,9 +223,10 @@ def main(argv=None) -> dict:
             "FUSED_MAX_M": cpp_backend.FUSED_MAX_M, "BLOCK_K": cpp_backend.BLOCK_K,
         },
         "backends": bench_backends(
-            QUICK_SHAPES if args.quick else SHAPES, MS, BITS, args.reps, not (args.quick or args.no_torch_py)
+            SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else SHAPES, MS, BITS,
+            2 if args.smoke else args.reps, not (args.quick or args.no_torch_py)
         ),
-        "pack": bench_pack(args.reps),
+        "pack": bench_pack(2, 128, 96) if args.smoke else bench_pack(args.reps),
     }
     if args.tune:
         res["tune"] = bench_tune(args.reps)
@@ -239,8 +236,8 @@ def main(argv=None) -> dict:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
         print(f"\nwrote {args.out}")
-    return res
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

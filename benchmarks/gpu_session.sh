@@ -19,7 +19,7 @@ if [[ $group == full ]]; then
     group="full-$1"
     shift
   else
-    $PY benchmarks/session.py list
+    $PY -m benchmarks.session list
     echo "run one full group per call: bash benchmarks/gpu_session.sh full N"
     exit 0
   fi
@@ -28,4 +28,4 @@ mkdir -p "$OUT"
 if [[ " $* " != *" --dry-run "* ]]; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.sm --format=csv > "$OUT/gpu.csv" 2>&1
 fi
-$PY benchmarks/session.py "$group" --out "$OUT" "$@"
+$PY -m benchmarks.session "$group" --out "$OUT" "$@"

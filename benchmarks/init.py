@@ -7,50 +7,24 @@ H, full SVD of the whitened error, truncate). Times are wall seconds and CPU (pr
 Part 2 (real): mean relative calibrated error on the 37 MiniLM layers per bits, rank and method,
 including joint re-quantization ("cloq+requant": 3 rounds, keep the best).
 
-    python benchmarks/init.py [--quick] [--big] [--no-eig] [--threads N] [--out results/init.json]
+    cloq bench init [--quick] [--big] [--no-eig] [--size N] [--no-minilm] [--threads N] [--out results/init.json]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import time
+import sys
 
 import torch
 
 import cloq_engine as ce
 from cloq_engine.init import calibrated_error
 
-
-def eig_route(R: torch.Tensor, H: torch.Tensor, rank: int):
-    """Eigendecomposition of H + full SVD of R·H^{1/2}, truncated, then back-transformed (B, A)."""
-    lam, V = torch.linalg.eigh(H)
-    lam = lam.clamp(min=lam.max() * 1e-10)
-    root = V * lam.sqrt()
-    U, S, Vh = torch.linalg.svd(R @ root, full_matrices=False)
-    B = U[:, :rank] * S[:rank]
-    A = (Vh[:rank] * lam.rsqrt()) @ V.t()
-    return A, B
-
-
-def timed(fn, repeats: int):
-    times, cpu, out = [], [], None
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        out = fn()
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return statistics.median(times), statistics.median(cpu), out
+from . import common
 
 
 def synthetic(out_f: int, in_f: int, rank: int, tokens: int, repeats: int, with_eig: bool):
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(out_f, in_f, generator=g) / in_f**0.5
-    mix = torch.randn(in_f, in_f, generator=g) / in_f**0.5 + torch.eye(in_f)
-    X = torch.randn(tokens, in_f, generator=g) @ mix
-    H = X.t() @ X
-    qw = ce.quantize_weight(W, ce.QuantConfig(bits=2, group_size=128, method="rtn"))
+    W, qw, H = common.synthetic_layer(out_f, in_f, tokens)
     R = W - qw.dequantize()
     base = calibrated_error(R, H)
     rows = []
@@ -61,9 +35,9 @@ def synthetic(out_f: int, in_f: int, rank: int, tokens: int, repeats: int, with_
         "quailora": lambda: ce.init_lora(W, qw, H, rank, method="quailora"),
     }
     if with_eig:
-        methods["eig + full SVD"] = lambda: eig_route(R, H, rank)
+        methods["eig + full SVD"] = lambda: common.eig_route(R, H, rank)
     for name, fn in methods.items():
-        t, cpu, (A, B) = timed(fn, repeats if name != "eig + full SVD" else 1)
+        t, cpu, _, (A, B) = common.timed(fn, repeats if name != "eig + full SVD" else 1)
         rows.append({"shape": f"{out_f}x{in_f}", "rank": rank, "method": name, "seconds": t, "cpu_seconds": cpu,
                      "objective_rel": calibrated_error(R, H, A, B, 1.0) / base})
         print(f"  {out_f}x{in_f} r{rank} {name:16s} {t:8.2f}s ({cpu:.2f} CPU s)  objective/start "
@@ -101,19 +75,21 @@ def minilm_table(ranks, bits_list):
     return rows
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = common.parser("init", __doc__)
     p.add_argument("--quick", action="store_true", help="smaller synthetic layer (1024x1024), MiniLM at 2 bits only")
     p.add_argument("--big", action="store_true", help="also 11008x4096 and 4096x11008 (slow on a CPU)")
     p.add_argument("--no-eig", action="store_true", help="skip the eigendecomposition route (slow) in part 1")
+    p.add_argument("--size", type=int, default=None, help="the synthetic square layer (default 4096; 1024 with --quick)")
+    p.add_argument("--no-minilm", action="store_true", help="skip part 2 (the MiniLM table)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="results/init.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {dev}; synthetic layers (Gaussian W, correlated synthetic X) are not real data")
-    n = 1024 if args.quick else 4096
+    n = args.size or (1024 if args.quick else 4096)
     rows = synthetic(n, n, 64, 2 * n, repeats=3 if args.quick else 1, with_eig=not args.no_eig)
     if args.big:
         rows += synthetic(11008, 4096, 64, 8192, 1, with_eig=not args.quick)
@@ -126,14 +102,15 @@ def main():
     print(f"\n{n}x{n} rank 64: default cloq is {speedup:.1f}x faster than {ref['method']}, objective "
           f"{100 * gap:+.4f}% relative to it; {cpu_ratio:.2f}x the CPU time of 4-power-iteration randomized "
           f"(same run)\n")
-    minilm = minilm_table([16, 64], [2] if args.quick else [2, 3, 4])
+    minilm = [] if args.no_minilm else minilm_table([16, 64], [2] if args.quick else [2, 3, 4])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"device": dev, "synthetic": rows,
                    "headline": {"speedup": speedup, "objective_gap": gap, "cpu_vs_randomized": cpu_ratio},
                    "minilm": minilm}, f, indent=2)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

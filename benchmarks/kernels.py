@@ -27,21 +27,17 @@ CPU under the Triton interpreter (no timing), to test the script itself.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # baselines.py beside this file
+from . import baselines, common
 
 RANK = 16
 SCALING = 2.0
-L2_BYTES = 50 * 2**20  # H100; rotation aims past 4x this
 logger = logging.getLogger("benchmarks.kernels")
 
 
@@ -64,76 +60,38 @@ class Row:
 # Set-up helpers
 # ---------------------------------------------------------------------------------------------
 def make_layer(in_f: int, out_f: int, variant: str, dtype, device, seed: int = 0):
-    """A random valid packed weight (group 128; NF4 64) and LoRA factors in ``dtype``."""
+    """A random valid packed weight (group 128, NF4 64; 32 on the CPU) and LoRA factors in ``dtype``."""
     import torch
 
-    from cloq_engine.formats import QuantizedWeight, packed_rows
-
-    nf4 = variant == "nf4"
-    bits = 4 if nf4 else int(variant)
-    group = 32 if device == "cpu" else (64 if nf4 else 128)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    groups = in_f // group
-    words = torch.randint(-2**31, 2**31 - 1, (packed_rows(in_f, bits), out_f), generator=g, dtype=torch.int64)
-    qw = QuantizedWeight(
-        qweight=words.to(torch.int32).to(device),
-        scales=(0.01 * torch.rand(groups, out_f, generator=g) + 1e-3).half().to(device),
-        zeros=None if nf4 else torch.randint(0, 2**bits, (groups, out_f), generator=g).half().to(device),
-        bits=bits, group_size=group, in_features=in_f, out_features=out_f, method="nf4" if nf4 else "rtn",
-    )
-    A = (0.01 * torch.randn(RANK, in_f, generator=g)).to(device, dtype)
-    B = (0.01 * torch.randn(out_f, RANK, generator=g)).to(device, dtype)
+    qw = common.random_packed_weight(variant, in_f, out_f, device, group=32 if device == "cpu" else None, seed=seed)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    A = (0.01 * torch.randn(RANK, in_f, generator=g, device=device)).to(dtype)
+    B = (0.01 * torch.randn(out_f, RANK, generator=g, device=device)).to(dtype)
     return qw, A, B
 
 
 def copies_for(nbytes: int, m: int, smoke: bool = False) -> int:
-    """Weight copies to rotate over: enough to defeat L2 at small M, one at large M."""
-    if m > 16 or smoke:
-        return 1
-    return int(min(64, max(2, math.ceil(4 * L2_BYTES / max(nbytes, 1)))))
+    """Weight copies to rotate over: enough to defeat the L2 at small M, one at large M."""
+    return 1 if m > 16 or smoke else common.copies_for(nbytes)
 
 
 def make_timer(args):
-    import torch
-
-    if args.smoke:
-        def bench(fn, graph=False):
+    """``bench(fn, graph=False)`` -> median us; small-M calls (``graph``) from CUDA graphs unless --no-graphs."""
+    def bench(fn, graph=False):
+        if args.smoke:  # runs the code once; the time means nothing
             fn()
             return float("nan")
-        return bench
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    def bench(fn, graph=False):
-        fn()  # compile and allocate workspaces outside any capture
-        torch.cuda.synchronize()
-        if graph and args.graphs:
-            try:
-                return 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
-            except Exception as e:
-                logger.info("CUDA graph capture failed (%s: %s); timing with do_bench", type(e).__name__, e)
-        return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return common.bench_us(fn, graph=graph and args.graphs)
     return bench
 
 
 def ceilings(args) -> Dict[str, float]:
     """Measured copy bandwidth (bytes/s, read + write) and bf16 GEMM rate (flop/s)."""
-    import torch
-
     if args.smoke:
         return {"copy_bytes_per_s": float("nan"), "bf16_flops": float("nan")}
-    from triton.testing import do_bench
-
-    n = 2**30  # elements of 2 bytes: 2 GiB each way
-    a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), warmup=5, rep=50, return_mode="median")
-    copy_bw = 2 * a.numel() * a.element_size() / (ms * 1e-3)
-    del a, b
-    s = 8192
-    x = torch.randn(s, s, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(s, s, device="cuda", dtype=torch.bfloat16)
-    ms = do_bench(lambda: torch.mm(x, y), warmup=5, rep=50, return_mode="median")
-    return {"copy_bytes_per_s": copy_bw, "bf16_flops": 2 * s**3 / (ms * 1e-3)}
+    _, copy_bw = common.copy_bandwidth()
+    _, flops = common.gemm_rate()
+    return {"copy_bytes_per_s": copy_bw, "bf16_flops": flops}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +101,6 @@ def run(args, ceil) -> List[Row]:
     import torch
     import torch.nn.functional as F
 
-    import baselines
     from cloq_engine.backends import triton_backend as tb
 
     device = "cpu" if args.smoke else "cuda"
@@ -156,9 +113,7 @@ def run(args, ceil) -> List[Row]:
     copy_bw, flops_rate = ceil["copy_bytes_per_s"], ceil["bf16_flops"]
 
     def emit(record: dict) -> None:  # one line per result as soon as it exists (--jsonl)
-        if args.jsonl:
-            with open(args.jsonl, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        common.append_jsonl(args.jsonl, record)
 
     def row(op, variant, bits, in_f, out_f, m, us, wbytes, dense_us):
         elem = torch.tensor([], dtype=dtype).element_size()
@@ -327,7 +282,7 @@ def print_table(rows: List[Row], ceil: dict, dtype_name: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser("kernels", __doc__)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--bits", default="2,3,4,nf4", help="bit variants: 2,3,4,nf4")
     p.add_argument("--m", default="1,16,64,256,2048,8192", help="token counts M")

@@ -5,19 +5,21 @@ Each expert's error is ||X_e (W_e - Q_e - s·B_e·A_e)^T||^2 / ||X_e W_e^T||^2 i
 tokens the router sent to it); Q_e is the same GPTQ for both inits, so "zero" is the quantized-only
 error. Calibration: blocks of the embedded CPython text through MiniLM's tokenizer.
 
-    python benchmarks/moe_init.py [--archs qwen3_moe gpt_oss] [--samples 32] [--seq-len 64] [--rank 4]
-    python benchmarks/moe_init.py --save DIR --archs gpt_oss   # DIR/<arch>: a model + tokenizer for `cloq prepare`
+    cloq bench moe_init [--archs qwen3_moe gpt_oss] [--samples 32] [--seq-len 64] [--rank 4]
+    cloq bench moe_init --save DIR --archs gpt_oss   # DIR/<arch>: a model + tokenizer for `cloq prepare`
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
+import sys
 
 import torch
 
 import cloq_engine as ce
 from cloq_engine import data
+
+from . import common
 
 # Tiny shapes: hidden 64, 8 experts (top-2) of intermediate 32, two blocks; vocab of MiniLM's tokenizer.
 SHAPES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -48,8 +50,8 @@ def tiny(arch: str, vocab: int):
     return model.eval()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    ap = common.parser("moe_init", __doc__)
     ap.add_argument("--archs", nargs="+", default=["qwen3_moe", "gpt_oss"])
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     ap.add_argument("--samples", type=int, default=32)
@@ -57,7 +59,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--save", default=None, help="only write each tiny model with MiniLM's tokenizer to SAVE/<arch>")
-    args = ap.parse_args()
+    ap.add_argument("--jsonl", default="results/moe_init.jsonl", help="append one JSON line per row as it is measured")
+    args = ap.parse_args(argv)
     logging.getLogger("cloq_engine").setLevel(logging.ERROR)
     tok = data.load_model()[1]
     if args.save:
@@ -65,7 +68,7 @@ def main() -> None:
             tiny(arch, len(tok)).save_pretrained(f"{args.save}/{arch}")
             tok.save_pretrained(f"{args.save}/{arch}")
             print(f"wrote {args.save}/{arch}")
-        return
+        return 0
     calib = data.token_blocks(data.calibration_paragraphs(), tok, args.seq_len, args.samples)
     print("| model | bits | experts | mean tokens/expert | zero (quantized only) | CLoQ | experts with CLoQ < zero |")
     print("|---|---|---|---|---|---|---|")
@@ -84,7 +87,12 @@ def main() -> None:
             below = sum(c.err_init < z.err_init for c, z in zip(errs["cloq"], errs["zero"]))
             tokens = sum(r.tokens for r in errs["cloq"]) / n
             print(f"| {arch} | {bits} | {n} | {tokens:.0f} | {zero:.4f} | {cloq:.4f} | {below}/{n} |", flush=True)
+            common.append_jsonl(args.jsonl, {"arch": arch, "bits": bits, "experts": n, "mean_tokens": tokens,
+                                             "zero": zero, "cloq": cloq, "cloq_below_zero": below,
+                                             "rank": args.rank, "group_size": args.group_size,
+                                             "samples": args.samples, "seq_len": args.seq_len})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,20 +9,22 @@ A Llama-shaped model with random weights (synthetic, says so) and random calibra
 2-bit GPTQ g128 + CLoQ rank 64 unless told otherwise. With ``--runs 2`` (default on a GPU) the
 first run pays Triton's compile/autotune and the table shows the second.
 
-    python benchmarks/prepare.py [--shape small|llama3-8b] [--blocks 4] [--samples N] [--seq-len T]
+    cloq bench prepare [--shape small|llama3-8b] [--blocks 4] [--samples N] [--seq-len T]
         [--bits 2] [--rank 64] [--one-pass] [--report sampled|exact|off] [--out results/prepare.json]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
+import sys
 import time
 
 import torch
 
 import cloq_engine as ce
+
+from . import common
 
 SHAPES = {
     "small": dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
@@ -67,8 +69,8 @@ def one_run(args, device, dtype):
     return model.cloq_report, wall, peak_memory_gib(device)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = common.parser("prepare", __doc__)
     p.add_argument("--shape", choices=tuple(SHAPES), default=None)
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--samples", type=int, default=None)
@@ -83,7 +85,7 @@ def main():
     p.add_argument("--runs", type=int, default=None, help="report the last of N runs (default: 2 on a GPU, 1 on a CPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="results/prepare.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +122,8 @@ def main():
                    "peak_memory_gib": peak, "blocks": rows,
                    "layers": [r.__dict__ for r in rep.layers]}, f, indent=2)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,13 +18,12 @@ nearly fits its calibration set there; its held-out ratio is the honest figure. 
 synthetic layer has more inputs (4096) than calibration tokens (2048): H is rank-deficient and
 GPTQ over-fits, most visibly at 2 bits (raise ``--tokens`` to see the held-out ratio improve).
 
-    python benchmarks/quantize.py                       # writes results/quantize.json
-    python benchmarks/quantize.py --quick               # 1024x1024 synthetic, MiniLM layer 0 only
-    python benchmarks/quantize.py --threads 1           # on a shared machine: avoids OpenMP spin-waits
+    cloq bench quantize                       # writes results/quantize.json
+    cloq bench quantize --quick               # 1024x1024 synthetic, MiniLM layer 0 only
+    cloq bench quantize --threads 1           # on a shared machine: avoids OpenMP spin-waits
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -38,23 +37,12 @@ import torch
 
 from cloq_engine import data
 from cloq_engine.config import QuantConfig
+from cloq_engine.init import calibrated_error
 from cloq_engine.quant import quantize_weight
 
+from . import common
+
 logger = logging.getLogger("benchmarks.quantize")
-
-
-def median_time(fn, repeats: int):
-    """(median seconds, last result) of ``repeats`` calls of ``fn``."""
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def calibrated_error(X: torch.Tensor, W: torch.Tensor, Q: torch.Tensor) -> float:
-    return float(((X @ (W - Q).t()).double() ** 2).sum())
 
 
 def synthetic_layer(size: int, tokens: int, seed: int = 0):
@@ -88,17 +76,17 @@ def minilm_layers(max_tokens: int, layer_filter: str | None):
 
 def bench_layer(source: str, name: str, W: torch.Tensor, X: torch.Tensor, X_heldout: torch.Tensor, bits_list,
                 group_size: int, repeats: int) -> list:
-    H = X.t() @ X
-    reference = float(((X @ W.t()).double() ** 2).sum())
+    H, H_heldout = X.t() @ X, X_heldout.t() @ X_heldout
+    reference = calibrated_error(W, H)
     rows = []
     for bits in bits_list:
-        rtn_t, rtn_qw = median_time(
+        rtn_t, _, _, rtn_qw = common.timed(
             lambda: quantize_weight(W, QuantConfig(bits=bits, group_size=group_size, method="rtn")), repeats)
-        gptq_t, gptq_qw = median_time(
+        gptq_t, _, _, gptq_qw = common.timed(
             lambda: quantize_weight(W, QuantConfig(bits=bits, group_size=group_size, method="gptq"), H), repeats)
         rtn_Q, gptq_Q = rtn_qw.dequantize(), gptq_qw.dequantize()
-        rtn_err, gptq_err = calibrated_error(X, W, rtn_Q), calibrated_error(X, W, gptq_Q)
-        heldout_ratio = calibrated_error(X_heldout, W, gptq_Q) / calibrated_error(X_heldout, W, rtn_Q)
+        rtn_err, gptq_err = calibrated_error(W - rtn_Q, H), calibrated_error(W - gptq_Q, H)
+        heldout_ratio = calibrated_error(W - gptq_Q, H_heldout) / calibrated_error(W - rtn_Q, H_heldout)
         rows.append(dict(
             source=source, layer=name, out_features=W.shape[0], in_features=W.shape[1], tokens=X.shape[0],
             bits=bits, group_size=group_size, rtn_time_s=rtn_t, gptq_time_s=gptq_t,
@@ -149,7 +137,7 @@ def print_table(rows: list, summary: list) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser("quantize", __doc__)
     p.add_argument("--out", default="results/quantize.json")
     p.add_argument("--quick", action="store_true", help="1024x1024 synthetic layer, MiniLM layer 0 only, 1 repeat")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
@@ -181,7 +169,7 @@ def main(argv=None) -> int:
     print_table(rows, summary)
 
     result = dict(
-        command=" ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+        command=" ".join(["cloq bench quantize"] + (argv if argv is not None else sys.argv[1:])),
         synthetic_note="synthetic layer: Gaussian W (std 0.02), X = (low-rank factors + noise) * log-normal "
                        "channel scales; not real data",
         minilm_note="real all-MiniLM-L6-v2 weights, real activations on the embedded calibration text",

@@ -1,8 +1,10 @@
 """One GPU call that measures what matters, within its own time budget, and returns what it got.
 
-    python benchmarks/session.py quick [--dry-run] [--budget S] [--out DIR]
-    python benchmarks/session.py full-1 | full-2 | ... [--dry-run]
-    python benchmarks/session.py list
+    cloq bench session quick [--dry-run] [--budget S] [--out DIR]   # or: python -m benchmarks.session ...
+    cloq bench session full-1 | full-2 | ... [--dry-run]
+    cloq bench session list
+
+``bash benchmarks/gpu_session.sh`` is the entry point a lent GPU runs (it records the GPU first).
 
 A *group* (``quick``, ``full-N``) is a list of *steps*; a step is a list of *measurements*, each
 with an estimated time (H100/H200, JIT included). The parent runs every step in its own process
@@ -25,100 +27,19 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Tuple
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from . import common, session_steps
+from .session_registry import STEPS, Context, Skip, groups
+
+ROOT = Path(__file__).resolve().parent.parent  # steps run as `python -m benchmarks.session` from here
 
 STARTUP_S = 6.0  # a step's process: python, torch, triton, transformers imports and CUDA context
 GRACE_S = 20.0  # past the budget, the running step gets this long before it is killed
 STEP_SLACK = 1.6  # a step may overrun its estimate by this factor (+ 20 s) before its own measurements stop
 
 
-class Skip(Exception):
-    """Raised by a measurement that cannot run here (a peer not installed, no CUDA); the reason is kept."""
-
-
-@dataclass
-class Measurement:
-    label: str
-    est_s: float
-    run: Callable[[], object]  # returns a dict (or a list of dicts) of results
-
-
-@dataclass
-class Step:
-    name: str
-    group: str
-    what: str
-    plan: Callable[["Context"], List[Measurement]]  # builds the measurements; imports nothing heavy
-
-
-@dataclass
-class Context:
-    out: Path
-    group: str
-    step: str = ""
-    deadline: float = float("inf")  # epoch seconds: no measurement starts that cannot finish by then
-    only: Tuple[str, ...] = ()  # run only measurements whose label contains one of these (all when empty)
-    state: Dict[str, object] = field(default_factory=dict)  # shared between the measurements of a step
-
-    def left(self) -> float:
-        return self.deadline - time.time()
-
-    def plan(self, s: "Step") -> List["Measurement"]:
-        return [m for m in s.plan(self) if not self.only or any(o in m.label for o in self.only)]
-
-    @property
-    def jsonl(self) -> Path:
-        return self.out / f"{self.group}.jsonl"
-
-    def record(self, **row) -> None:
-        """Append one result line now (flushed and fsync-ed: a kill right after keeps it)."""
-        row = {"group": self.group, "step": self.step, "time": round(time.time(), 2), **row}
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row, default=_jsonable) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _jsonable(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return str(v)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
-STEPS: Dict[str, Step] = {}
-
-
-def step(name: str, group: str, what: str):
-    """Register a step's plan function under ``name`` in ``group`` (groups run in registration order)."""
-    def deco(plan):
-        STEPS[name] = Step(name, group, what, plan)
-        return plan
-    return deco
-
-
-def groups() -> Dict[str, List[Step]]:
-    out: Dict[str, List[Step]] = {}
-    for s in STEPS.values():
-        out.setdefault(s.group, []).append(s)
-    return out
-
-
-def load_steps() -> None:
-    import session_steps  # noqa: F401  (registers the steps)
-
-
-# ---------------------------------------------------------------------------------------------
-# Running
-# ---------------------------------------------------------------------------------------------
 def run_step(name: str, ctx: Context) -> int:
     """In the step's own process: every measurement in order, each independent of the others."""
     ctx.step = name
@@ -186,12 +107,12 @@ def run_group(group: str, out: Path, budget: float, grace: float = GRACE_S, only
             continue
         est = STARTUP_S + sum(m.est_s for m in plan)
         deadline = min(ctx.deadline, time.time() + max(step_slack * est, est + 20))
-        cmd = [sys.executable, str(Path(__file__)), group, "--step", s.name, "--out", str(out),
+        cmd = [sys.executable, "-m", "benchmarks.session", group, "--step", s.name, "--out", str(out),
                "--deadline", str(deadline)] + (["--only", ",".join(only)] if only else [])
         t0 = time.time()
         with open(out / f"{group}.{s.name}.log", "w") as log:
             try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     timeout=deadline - time.time() + grace).returncode
                 status = "ok" if rc == 0 else "error"
             except subprocess.TimeoutExpired:
@@ -248,7 +169,7 @@ def _fmt(v) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser("session", __doc__)
     p.add_argument("group", nargs="?", default="quick", help="quick, full-1, full-2, ... or list")
     p.add_argument("--dry-run", action="store_true", help="list the measurements and their estimates, run nothing")
     p.add_argument("--budget", type=float, default=None, help="seconds; no measurement starts past it "
@@ -263,7 +184,6 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     only = tuple(o for o in a.only.split(",") if o)
-    load_steps()
     if a.step:
         return run_step(a.step, Context(out=Path(a.out), group=a.group, deadline=a.deadline or float("inf"), only=only))
     known = groups()
@@ -276,13 +196,9 @@ def main(argv=None) -> int:
     if a.dry_run:
         dry_run(a.group, only)
         return 0
-    import session_steps
-
     return run_group(a.group, Path(a.out), a.budget or session_steps.BUDGETS.get(a.group, 450), a.grace, only,
                      a.step_slack)
 
 
 if __name__ == "__main__":
-    import session  # one module object: session_steps registers into ``session.STEPS``, not ``__main__``'s
-
-    sys.exit(session.main())
+    sys.exit(main())

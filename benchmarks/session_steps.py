@@ -1,4 +1,4 @@
-"""The steps of ``session.py``: what a GPU call measures, in order, with estimates (H100/H200, JIT
+"""The steps of ``session.py`` (registered in ``session_registry.STEPS``): what a GPU call measures, in order, with estimates (H100/H200, JIT
 included). Plans only build closures; nothing heavy is imported until a measurement runs.
 
 quick (one call, <= 6 min): env and the two ceilings; bf16 correctness of every width against the
@@ -14,15 +14,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import List
 
-from session import Context, Measurement, Skip, step
+from . import common
+from .session_registry import Context, Measurement, Skip, step
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK, SCALING = 16, 2.0
-L2_BYTES = 60 * 2**20  # H200 50 MiB, rounded up: rotation aims past 4x this
 BUDGETS = {"quick": 320, **{f"full-{i}": 450 for i in range(1, 7)}}  # seconds; +20 s grace, then killed
 NOMINAL = {"copy_bytes_per_s": 3.0e12, "bf16_flops": 700e12}  # used only when the ceilings step failed
 VARIANTS = ("2", "3", "4", "nf4")
@@ -62,19 +61,9 @@ def _sync(torch) -> None:
 
 def packed_weight(variant: str, out_f: int, in_f: int, seed: int = 0):
     """A random valid packed weight on the GPU (group 128; NF4 64, as bitsandbytes)."""
-    torch = _cuda()
-    from cloq_engine.formats import QuantizedWeight, packed_rows
-
-    nf4 = variant == "nf4"
-    in_f, out_f = size(in_f), size(out_f)
-    bits, group = (4, 64) if nf4 else (int(variant), 128)
-    group = 32 if SMOKE else group
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    words = torch.randint(-2**31, 2**31 - 1, (packed_rows(in_f, bits), out_f), generator=g, device=DEVICE,
-                          dtype=torch.int64).to(torch.int32)
-    scales = (0.02 * torch.rand(in_f // group, out_f, generator=g, device=DEVICE) + 1e-3).half()
-    zeros = None if nf4 else torch.randint(0, 2**bits, (in_f // group, out_f), generator=g, device=DEVICE).half()
-    return QuantizedWeight(words, scales, zeros, bits, group, in_f, out_f, "nf4" if nf4 else "rtn")
+    _cuda()
+    return common.random_packed_weight(variant, size(in_f), size(out_f), DEVICE, group=32 if SMOKE else None,
+                                       seed=seed)
 
 
 def randn(*shape, dtype, seed: int = 1, scale: float = 1.0):
@@ -92,18 +81,8 @@ def rel_err(a, ref) -> float:
 
 def bench_us(fn, graph: bool = False) -> float:
     """Median microseconds: CUDA-graph replays for small launches (no launch gaps), else do_bench."""
-    torch = _cuda()
-    if SMOKE:
-        t0 = time.perf_counter()
-        fn()
-        return 1e6 * (time.perf_counter() - t0)
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    fn()  # compile, allocate workspaces, outside any capture
-    torch.cuda.synchronize()
-    if graph:
-        return 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")
-    return 1e3 * do_bench(fn, warmup=10, rep=60, return_mode="median")
+    _cuda()
+    return common.bench_us(fn, graph=graph, smoke=SMOKE, warmup=10, rep=50 if graph else 60)
 
 
 def ceilings(ctx: Context) -> dict:
@@ -116,7 +95,7 @@ def ceilings(ctx: Context) -> dict:
 
 
 def copies_for(nbytes: int) -> int:
-    return 2 if SMOKE else int(min(64, max(2, -(-4 * L2_BYTES // max(nbytes, 1)))))
+    return 2 if SMOKE else common.copies_for(nbytes)
 
 
 def _name(variant: str) -> str:
@@ -140,7 +119,7 @@ def _env(var: str, value):
 def plan_env(ctx: Context) -> List[Measurement]:
     def info():
         torch = _cuda()
-        import baselines
+        from . import baselines
 
         if SMOKE:
             return {"gpu": "cpu (smoke)", **baselines.versions()}
@@ -149,20 +128,14 @@ def plan_env(ctx: Context) -> List[Measurement]:
                 "mem_gib": round(p.total_memory / 2**30, 1), **baselines.versions()}
 
     def copy():
-        torch = _cuda()
-        a = randn(2**12 if SMOKE else 2**30, dtype=torch.bfloat16)  # 2 GiB each way, far past the L2
-        b = torch.empty_like(a)
-        us = bench_us(lambda: b.copy_(a))
-        bw = 2 * a.numel() * a.element_size() / (us * 1e-6)
+        _cuda()
+        us, bw = common.copy_bandwidth(2**12 if SMOKE else 2**30, DEVICE, smoke=SMOKE)  # 2 GiB each way
         ctx.state["copy"] = bw
         return {"us": us, "gbps": bw / 1e9}
 
     def gemm():
-        torch = _cuda()
-        n = size(8192)
-        x, y = randn(n, n, dtype=act_dtype(), seed=2), randn(n, n, dtype=act_dtype(), seed=3)
-        us = bench_us(lambda: torch.mm(x, y))
-        rate = 2 * n**3 / (us * 1e-6)
+        _cuda()
+        us, rate = common.gemm_rate(size(8192), act_dtype(), DEVICE, smoke=SMOKE)
         (ctx.out / "ceilings.json").write_text(json.dumps({"copy_bytes_per_s": ctx.state.get("copy", NOMINAL[
             "copy_bytes_per_s"]), "bf16_flops": rate}))
         return {"us": us, "tflops": rate / 1e12}
@@ -209,7 +182,7 @@ def plan_correct(ctx: Context) -> List[Measurement]:
 
 def _decode_ours(ctx, variant, in_f, out_f):
     def run():
-        torch = _cuda()
+        _cuda()
         from cloq_engine.backends import triton_backend as tb
 
         nbytes = packed_weight(variant, out_f, in_f).nbytes
@@ -232,7 +205,7 @@ def _bw_row(ctx, us, nbytes, in_f, out_f, copies) -> dict:
 
 def _decode_dense(ctx, in_f, out_f):
     def run():
-        torch = _cuda()
+        _cuda()
         import torch.nn.functional as F
 
         ws = [randn(out_f, in_f, dtype=act_dtype(), seed=s) for s in range(copies_for(2 * in_f * out_f))]
@@ -246,8 +219,8 @@ def _decode_dense(ctx, in_f, out_f):
 
 def _decode_peer(ctx, name, in_f, out_f):
     def run():
-        torch = _cuda()
-        import baselines
+        _cuda()
+        from . import baselines
 
         against, build = baselines.DECODE_PEERS[name]
         nbytes = packed_weight(against, out_f, in_f).nbytes  # the same bytes a peer must stream (about)
@@ -328,8 +301,9 @@ def _layer_step(ctx, kind: str, in_f: int, out_f: int, fold=None):
         torch = _cuda()
         import torch.nn.functional as F
 
-        import baselines
         from cloq_engine import LoRAConfig
+
+        from . import baselines
         from cloq_engine.nn import QuantLoRALinear
 
         x = randn(LAYER_M, in_f, dtype=act_dtype(), seed=20).requires_grad_(True)
@@ -415,7 +389,7 @@ def _model_variant(variant: str, **kw):
         _cuda()
         from dataclasses import asdict
 
-        import train
+        from . import train
 
         why = train.available(variant)
         if why:
@@ -429,7 +403,7 @@ def _model_variant(variant: str, **kw):
 def _lm_head(**kw):
     def run():
         _cuda()
-        import train
+        from . import train
 
         share = train.lm_head_share(_model_args(**kw), DEVICE)
         return {"ms": share["lm_head_loss_ms"], **share}
@@ -449,7 +423,7 @@ def _prepare_block(blocks=1, samples=16):
         torch = _cuda()
         import argparse
 
-        import prepare
+        from . import prepare
 
         args = argparse.Namespace(shape="small" if SMOKE else "llama3-8b", blocks=blocks, samples=2 if SMOKE else samples,
                                   seq_len=32 if SMOKE else 2048, batch_size=8, bits=2, group_size=128,
@@ -503,11 +477,11 @@ def plan_full2(ctx: Context) -> List[Measurement]:
                               "paths_match"]))]
 
 
-@step("kernel-sweep", "full-3", "benchmarks/kernels.py: every path by M at 4096->14336 and 14336->4096, peers")
+@step("kernel-sweep", "full-3", "benchmarks.kernels: every path by M at 4096->14336 and 14336->4096, peers")
 def plan_full3(ctx: Context) -> List[Measurement]:
     jsonl = str(ctx.out / "kernels.jsonl")
     return [Measurement("kernels.py sweep", 400, _command(
-        ctx, "kernels", [PY, "benchmarks/kernels.py", "--shapes", "4096x14336,14336x4096", "--jsonl", jsonl,
+        ctx, "kernels", [PY, "-m", "benchmarks.kernels", "--shapes", "4096x14336,14336x4096", "--jsonl", jsonl,
                          "--json", str(ctx.out / "kernels.json")]))]
 
 
@@ -526,10 +500,10 @@ def plan_full5(ctx: Context) -> List[Measurement]:
     return [Measurement("prepare 2 blocks w2 gptq+cloq r64, 128 x 2048", 300, _prepare_block(blocks=2, samples=128))]
 
 
-@step("tune", "full-6", "benchmarks/kernels.py --tune: every candidate config timed, a configs.json table written")
+@step("tune", "full-6", "benchmarks.kernels --tune: every candidate config timed, a configs.json table written")
 def plan_full6(ctx: Context) -> List[Measurement]:
     return [Measurement("kernels.py --tune", 400, _command(
-        ctx, "tune", [PY, "benchmarks/kernels.py", "--tune", str(ctx.out / "configs_tuned.json"),
+        ctx, "tune", [PY, "-m", "benchmarks.kernels", "--tune", str(ctx.out / "configs_tuned.json"),
                       "--shapes", "4096x4096,4096x14336,14336x4096"]))]
 
 

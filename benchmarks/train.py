@@ -29,7 +29,6 @@ instead runs a tiny config on the CPU through the torch reference backend (no ti
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -38,10 +37,9 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # baselines.py beside this file
+from . import baselines, common
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
@@ -89,8 +87,6 @@ def _ours(bits: str):
 
 def _baseline(name: str):
     def build(model, args, dtype):
-        import baselines
-
         if name == "bnb":
             return baselines.bnb_qlora(model, TARGETS, RANK, ALPHA, dtype)
         if name == "dense-fold":
@@ -169,25 +165,35 @@ def run_variant(variant: str, args, device) -> Row:
     first = time.perf_counter() - t0
     for _ in range(args.warmup):
         step()
-    times = []
-    for _ in range(args.steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            loss = step()
-            times.append(1e3 * (time.perf_counter() - t))
+    times, loss = step_times_ms(step, args.steps, cuda)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     row = Row(variant, first, statistics.median(times), peak, sum(p.numel() for p in params), float(loss.detach()),
               torch.cuda.get_device_name() if cuda else "cpu", model_gib, build_peak)
     del model, opt, params, loss
     clean_allocator(cuda)
     return row
+
+
+def step_times_ms(step: Callable[[], object], n: int, cuda: bool):
+    """(milliseconds of each of ``n`` calls of ``step``, what the last returned): CUDA events on a
+    GPU (the GPU's time, not the launch queue's), the wall clock on the CPU."""
+    import torch
+
+    times: List[float] = []
+    out = None
+    for _ in range(n):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            out = step()
+            times.append(1e3 * (time.perf_counter() - t))
+    return times, out
 
 
 def lm_head_share(args, device) -> dict:
@@ -210,19 +216,7 @@ def lm_head_share(args, device) -> dict:
         F.cross_entropy(logits.view(-1, cfg.vocab_size), labels).backward()
 
     step()
-    times = []
-    for _ in range(max(args.steps, 1)):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            step()
-            times.append(1e3 * (time.perf_counter() - t))
+    times, _ = step_times_ms(step, max(args.steps, 1), cuda)
     del head, h, labels
     clean_allocator(cuda)
     return {"lm_head_loss_ms": statistics.median(times), "vocab": cfg.vocab_size, "tokens": args.batch * args.seq}
@@ -230,8 +224,6 @@ def lm_head_share(args, device) -> dict:
 
 def available(variant: str) -> Optional[str]:
     """None if the variant can run here, else why not."""
-    import baselines
-
     return baselines.availability(variant)
 
 
@@ -246,7 +238,7 @@ def print_table(rows, args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser("train", __doc__)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated, from {VARIANTS}")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
@@ -278,9 +270,7 @@ def main(argv=None) -> int:
     rows = []
 
     def emit(record: dict) -> None:
-        if args.jsonl:
-            with open(args.jsonl, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        common.append_jsonl(args.jsonl, record)
 
     for v in variants:
         why = available(v)

@@ -200,8 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "--format gguf: the file (default: <checkpoint>.gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous cloq export at --out")
 
-    p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=("kernels", "train", "init", "quantize", "prepare", "finetune", "causal_cpu", "gguf"))
+    from .bench import BENCHMARKS, help_text
+
+    p = sub.add_parser("bench", help="run a benchmark of the source checkout (benchmarks/)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="benchmarks (`cloq bench NAME --help` for each one's options):\n" + help_text())
+    p.add_argument("which", metavar="NAME", choices=tuple(BENCHMARKS), help="the benchmark (listed below)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
 

@@ -5,10 +5,8 @@ import copy
 import json
 import logging
 import os
-import runpy
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -689,18 +687,14 @@ def gap_summary(metric: str, before: float, after: float, full: float) -> str:
 
 # -- bench ------------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.which}.py"
-    if not script.is_file():
-        raise CLIError(f"benchmark script not found: {script} (benchmarks ship with the source tree)")
-    argv = sys.argv
-    sys.argv = [str(script), *[a for a in args.args if a != "--"]]
+    from . import bench
+
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        return bench.run(args.which, [a for a in args.args if a != "--"])
+    except bench.SourceTreeMissing as e:
+        raise CLIError(str(e)) from None
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             return e.code or 0
         print(e.code, file=sys.stderr)  # sys.exit("message"): Python prints it and exits 1; so do we
         return 1
-    finally:
-        sys.argv = argv
-    return 0

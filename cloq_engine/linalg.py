@@ -14,6 +14,14 @@ process, 2 threads vs 1: QR of a 2048×128 panel 64-1200 ms vs 7-11 ms, eigh 102
 6.6 ms vs 0.02 ms. So tall panels are orthonormalised with GEMMs (:func:`orthonormalize`,
 Cholesky-QR2, no Householder loop), and the truncated SVDs and the small solves run on one thread
 (:func:`serial_threads`); only the in×in Cholesky (blocked, large) keeps every thread.
+
+On a quiet CPU, though, one thread leaves the other cores idle during the products with ``E`` that
+are most of a large solve (a 4096² Krylov solve is ~85% GEMMs). So those products, and only they,
+take the idle cores (:func:`product_threads`: the caller's thread count, capped by the cores no
+other process is running on, sampled from ``/proc/stat``); the factorisations inside the solve
+(eigh, SVD, the k×k Cholesky, triangular solves), whose results depend on the thread count, stay
+on one thread. MKL's GEMMs give the same bits on any thread count (``tests/test_linalg.py``), so
+the solve's result does not depend on the load. ``CLOQ_SOLVE_THREADS=N`` fixes the count.
 """
 from __future__ import annotations
 
@@ -21,7 +29,9 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
@@ -45,6 +55,7 @@ class TruncatedSVD:
 
 
 _THREADS_LOCK = threading.RLock()
+_CALLER_THREADS: list = []  # the thread count outside the outermost serial_threads (under the lock)
 
 
 @contextlib.contextmanager
@@ -60,7 +71,84 @@ def serial_threads(like: torch.Tensor) -> Iterator[None]:
         return
     with _THREADS_LOCK:
         threads = torch.get_num_threads()
+        _CALLER_THREADS.append(_CALLER_THREADS[-1] if _CALLER_THREADS else threads)
         torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            _CALLER_THREADS.pop()
+
+
+PRODUCT_THREADS_ENV = "CLOQ_SOLVE_THREADS"
+_IDLE_TTL_S = 0.25  # the idle-core count is sampled at most this often
+_idle_memo = {"at": -1e9, "idle": 1}
+
+
+def _running_tasks(stat_path: str) -> int:
+    with open(stat_path) as f:
+        for line in f:
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    raise OSError(f"{stat_path} has no procs_running line")
+
+
+def _own_running_tasks() -> int:
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                n += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):  # a thread that ended meanwhile
+            continue
+    return n
+
+
+def idle_cores() -> int:
+    """Cores of this process's CPU set that no other process is running on now (>= 0).
+
+    ``procs_running`` of ``/proc/stat`` (runnable tasks, the whole machine) less this process's own
+    running threads, taken three times and the median kept, so one transient task does not count;
+    remembered for ``_IDLE_TTL_S``. Where ``/proc`` cannot be read: 0 (one thread, the safe side)."""
+    now = time.monotonic()
+    if now - _idle_memo["at"] < _IDLE_TTL_S:
+        return _idle_memo["idle"]
+    try:
+        cores = len(os.sched_getaffinity(0))
+        others = sorted(_running_tasks("/proc/stat") - _own_running_tasks() for _ in range(3))[1]
+        idle = max(0, cores - max(0, others))
+    except (OSError, AttributeError, ValueError):
+        idle = 0
+    _idle_memo.update(at=now, idle=idle)
+    return idle
+
+
+def product_threads_count() -> int:
+    """Threads for a large product inside a solve: ``CLOQ_SOLVE_THREADS`` if set, else the caller's
+    thread count (outside :func:`serial_threads`) capped by :func:`idle_cores`, at least 1."""
+    caller = _CALLER_THREADS[-1] if _CALLER_THREADS else torch.get_num_threads()
+    forced = os.environ.get(PRODUCT_THREADS_ENV)
+    if forced:
+        try:
+            n = int(forced)
+        except ValueError:
+            raise ValueError(f"{PRODUCT_THREADS_ENV} must be a positive integer; got {forced!r}") from None
+        if n < 1:
+            raise ValueError(f"{PRODUCT_THREADS_ENV} must be a positive integer; got {forced!r}")
+        return n
+    return max(1, min(caller, idle_cores()))
+
+
+@contextlib.contextmanager
+def product_threads(like: torch.Tensor) -> Iterator[None]:
+    """Run a large matrix product (a GEMM: the same bits on any thread count) on the cores that are
+    idle now, inside a solve that otherwise runs on one thread (module docstring); a no-op off the CPU."""
+    if like.device.type != "cpu":
+        yield
+        return
+    with _THREADS_LOCK:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(product_threads_count())
         try:
             yield
         finally:
@@ -229,11 +317,13 @@ def randomized_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = None,
     k = min(rank + oversample, m, n)
 
     def E_times(X):  # E·X, X (n, k)
-        return R @ (X if L is None else L @ X)
+        with product_threads(R):
+            return R @ (X if L is None else L @ X)
 
     def Et_times(Y):  # E^T·Y, Y (m, k)
-        Z = R.transpose(0, 1) @ Y
-        return Z if L is None else L.transpose(0, 1) @ Z
+        with product_threads(R):
+            Z = R.transpose(0, 1) @ Y
+            return Z if L is None else L.transpose(0, 1) @ Z
 
     Qy = _orthonormal(E_times(_gaussian(n, k, R, seed)))
     for _ in range(power_iters):
@@ -280,11 +370,17 @@ def block_krylov_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = Non
     b = min(rank + oversample, m, n)
 
     def E_times(X):
-        return R @ (X if L is None else L @ X)
+        with product_threads(R):
+            return R @ (X if L is None else L @ X)
 
     def Et_times(Y):
-        Z = R.transpose(0, 1) @ Y
-        return Z if L is None else L.transpose(0, 1) @ Z
+        with product_threads(R):
+            Z = R.transpose(0, 1) @ Y
+            return Z if L is None else L.transpose(0, 1) @ Z
+
+    def project_out(Y):  # Y - K·(K^T·Y)
+        with product_threads(R):
+            return Y - K @ (K.transpose(0, 1) @ Y)
 
     Y = E_times(_gaussian(n, b, R, seed))
     total = float(Y.double().pow(2).sum()) / b  # E||EΩ||^2 = b·||E||_F^2 for a Gaussian Ω
@@ -299,15 +395,17 @@ def block_krylov_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = Non
             break
         Y = E_times(Z[:, -b:])[:, :width]
         for _ in range(2):
-            Y = Y - K @ (K.transpose(0, 1) @ Y)
+            Y = project_out(Y)
         Q = _orthonormal(Y)
         # Once the space nearly fills (or the spectrum decays fast) Y is mostly rounding noise, and
         # normalising it magnifies its residual overlap with K; one more pass after the QR keeps
         # K orthonormal, which the Rayleigh–Ritz step below assumes (fp32: 2.6e-4 -> 1e-12 of the gap).
-        Q = _orthonormal(Q - K @ (K.transpose(0, 1) @ Q))
+        Q = _orthonormal(project_out(Q))
         Zq = Et_times(Q)
-        C = (Z.transpose(0, 1) @ Zq).double()
-        G = torch.cat([torch.cat([G, C], 1), torch.cat([C.transpose(0, 1), (Zq.transpose(0, 1) @ Zq).double()], 1)], 0)
+        with product_threads(R):
+            C = (Z.transpose(0, 1) @ Zq).double()
+            D = (Zq.transpose(0, 1) @ Zq).double()
+        G = torch.cat([torch.cat([G, C], 1), torch.cat([C.transpose(0, 1), D], 1)], 0)
         K, Z = torch.cat([K, Q], 1), torch.cat([Z, Zq], 1)
         if power_iters is None and step >= KRYLOV_MIN_STEPS:
             eig = torch.linalg.eigh(G)

@@ -1,6 +1,5 @@
 """The GPU session runner (benchmarks/session.py) on the CPU: the dry-run plan and its time budget,
 results streamed to JSONL, and steps that fail, crash or hang without taking the rest down."""
-import importlib.util
 import json
 import re
 import subprocess
@@ -10,21 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from benchmarks import session_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
 QUICK_LIMIT_S = 360  # one call, start-ups and JIT included
 FULL_LIMIT_S = 480
 
 
 @pytest.fixture(scope="module")
 def session():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("session", BENCH / "session.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["session"] = mod
-    spec.loader.exec_module(mod)
-    mod.load_steps()
-    yield mod
-    sys.path.remove(str(BENCH))
+    from benchmarks import session
+
+    return session
 
 
 def _total(text: str) -> float:
@@ -46,16 +43,12 @@ def test_quick_dry_run_lists_every_measurement_within_six_minutes(session, capsy
 
 @pytest.mark.parametrize("group", [f"full-{i}" for i in range(1, 7)])
 def test_each_full_group_fits_one_eight_minute_call(session, capsys, group):
-    import session_steps
-
     assert session.main([group, "--dry-run"]) == 0
     assert _total(capsys.readouterr().out) < FULL_LIMIT_S
     assert session_steps.BUDGETS[group] + session.GRACE_S < FULL_LIMIT_S
 
 
 def test_quick_budget_and_grace_end_within_six_minutes(session):
-    import session_steps
-
     assert session_steps.BUDGETS["quick"] + session.GRACE_S < QUICK_LIMIT_S
 
 
@@ -105,8 +98,9 @@ def test_quick_runs_end_to_end_on_the_cpu_in_smoke_mode(tmp_path):
     only = ["gpu, versions", "ceiling", "w3 4096x1001 M=1 ", "decode ours w4 4096", "decode gemlite-w2",
             "step dense-fold 14336", "model step w2", "model step bnb", "LM head"]  # one of each kind
     env = {**__import__("os").environ, "CLOQ_SESSION_SMOKE": "1", "TRITON_INTERPRET": "1", "CLOQ_NO_EXT": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH / "session.py"), "quick", "--out", str(tmp_path), "--only",
-                           ",".join(only), "--budget", "1500", "--step-slack", "100"], env=env, capture_output=True, text=True, timeout=1600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.session", "quick", "--out", str(tmp_path), "--only",
+                           ",".join(only), "--budget", "1500", "--step-slack", "100"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "quick.jsonl").read_text().splitlines()]
     measured = [r for r in rows if not r["label"].startswith(("(", "start"))]
