@@ -118,6 +118,7 @@ def test_dense_fold_baseline_matches_dense_lora_in_both_folds(monkeypatch):
         torch.testing.assert_close(layer.lora_B.grad, B.grad)
 
 
+@pytest.mark.slow
 def test_causal_cpu_measures_each_pair_and_writes_a_line_each(tmp_path, capsys):
     import cloq_engine as ce
     from tiny_models import tiny_llama_dir
@@ -198,7 +199,6 @@ def test_prepare_one_small_block(tmp_path, capsys):
     assert "per block" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_moe_init_table_and_lines(tmp_path, capsys):
     out = tmp_path / "moe.jsonl"
     assert moe_init.main(["--archs", "qwen3_moe", "--bits", "2", "--samples", "2", "--seq-len", "16", "--rank", "2",

@@ -203,6 +203,60 @@ def test_orthonormalize_stays_orthonormal_on_rank_loss(monkeypatch, make, househ
     assert len(calls) in householder_calls
 
 
+def test_products_inside_a_solve_take_the_idle_cores_up_to_the_callers_count(monkeypatch):
+    monkeypatch.delenv(linalg.PRODUCT_THREADS_ENV, raising=False)
+    x = torch.zeros(1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for idle, want in ((0, 1), (1, 1), (5, 2)):  # busy machine, one core free, quiet: capped at the caller's 2
+            monkeypatch.setattr(linalg, "idle_cores", lambda idle=idle: idle)
+            with linalg.serial_threads(x):
+                with linalg.product_threads(x):
+                    assert torch.get_num_threads() == want
+                assert torch.get_num_threads() == 1  # back to one thread for the factorisations
+        monkeypatch.setenv(linalg.PRODUCT_THREADS_ENV, "3")
+        assert linalg.product_threads_count() == 3
+        monkeypatch.setenv(linalg.PRODUCT_THREADS_ENV, "two")
+        with pytest.raises(ValueError, match="CLOQ_SOLVE_THREADS must be a positive integer"):
+            linalg.product_threads_count()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_idle_cores_counts_the_cores_other_processes_do_not_run_on(monkeypatch):
+    cores = len(__import__("os").sched_getaffinity(0))
+    monkeypatch.setattr(linalg, "_own_running_tasks", lambda: 1)
+    for others, want in ((0, cores), (1, max(0, cores - 1)), (cores + 3, 0)):
+        monkeypatch.setattr(linalg, "_running_tasks", lambda path, others=others: others + 1)
+        linalg._idle_memo["at"] = -1e9  # no remembered sample
+        assert linalg.idle_cores() == want
+    monkeypatch.setattr(linalg, "_running_tasks", lambda path: (_ for _ in ()).throw(OSError("no /proc")))
+    linalg._idle_memo["at"] = -1e9
+    assert linalg.idle_cores() == 0  # unreadable: one thread
+    linalg._idle_memo["at"] = -1e9
+
+
+@pytest.mark.parametrize("method", ["krylov", "randomized"])
+def test_the_truncated_svd_has_the_same_bits_on_any_product_thread_count(monkeypatch, method):
+    """The load picks the product threads, so a prepare run twice on a machine whose load changed
+    must still give the same factors: only GEMMs (the same bits on any thread count) get threads."""
+    g = torch.Generator().manual_seed(3)
+    R = torch.randn(384, 256, generator=g)
+    L = torch.linalg.cholesky(_gram(512, 256, dtype=torch.float32) + 1e-3 * torch.eye(256))
+    before = torch.get_num_threads()
+    out = []
+    try:
+        torch.set_num_threads(2)
+        for threads in ("1", "2"):
+            monkeypatch.setenv(linalg.PRODUCT_THREADS_ENV, threads)
+            t = linalg.truncated_svd(R, 8, L, method=method)
+            out.append(torch.cat([t.U.flatten(), t.S, t.Vh.flatten()]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0], out[1])
+
+
 def test_serial_threads_runs_on_one_thread_and_restores_the_count():
     before = torch.get_num_threads()
     with linalg.serial_threads(torch.zeros(1)):
