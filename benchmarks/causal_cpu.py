@@ -36,12 +36,10 @@ what else ran on the machine when you quote them.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from . import common
 
@@ -314,9 +312,7 @@ def main(argv=None) -> int:
                     f"ours {1e3 * steps['ours']:.1f} ms"
         print(line)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {args.json}")
+        print(f"wrote {common.write_json(args.json, result, indent=2)}")
     return 0
 
 

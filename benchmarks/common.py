@@ -40,6 +40,18 @@ def append_jsonl(path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def write_json(path, payload: dict, indent: int = 1) -> str:
+    """Write ``payload`` to ``path`` atomically (a temporary file, then a rename: a reader or a kill
+    never sees half a file) and return the path; values JSON cannot hold are written as strings."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=indent, default=str)
+    os.replace(tmp, path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU timing
 # ---------------------------------------------------------------------------------------------

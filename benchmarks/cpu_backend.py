@@ -14,7 +14,6 @@ extension is loaded); "torch_py" is the same with the pure-Python unpack (as wit
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -232,10 +231,7 @@ def main(argv=None) -> int:
         res["tune"] = bench_tune(args.reps)
     print_tables(res)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"\nwrote {args.out}")
+        print(f"\nwrote {common.write_json(args.out, res)}")
     return 0
 
 

@@ -11,8 +11,6 @@ including joint re-quantization ("cloq+requant": 3 rounds, keep the best).
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import torch
@@ -103,11 +101,9 @@ def main(argv=None) -> int:
           f"{100 * gap:+.4f}% relative to it; {cpu_ratio:.2f}x the CPU time of 4-power-iteration randomized "
           f"(same run)\n")
     minilm = [] if args.no_minilm else minilm_table([16, 64], [2] if args.quick else [2, 3, 4])
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"device": dev, "synthetic": rows,
-                   "headline": {"speedup": speedup, "objective_gap": gap, "cpu_vs_randomized": cpu_ratio},
-                   "minilm": minilm}, f, indent=2)
+    common.write_json(args.out, {"device": dev, "synthetic": rows, "minilm": minilm,
+                                 "headline": {"speedup": speedup, "objective_gap": gap, "cpu_vs_randomized": cpu_ratio}},
+                      indent=2)
     print(f"wrote {args.out}")
     return 0
 

@@ -27,7 +27,6 @@ CPU under the Triton interpreter (no timing), to test the script itself.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -266,8 +265,7 @@ def tune(args, path: str) -> None:
                     table.setdefault("dequant_gemm_t", []).append({**key, "m": m, "config": configs.config_to_dict(c)})
     finally:
         configs.shipped_table = original
-    with open(path, "w") as f:
-        json.dump({arch: table}, f, indent=1)
+    common.write_json(path, {arch: table})
     print(f"wrote tuned configs for {arch} to {path} (merge into cloq_engine/kernels/configs.json)")
 
 
@@ -313,8 +311,7 @@ def main(argv=None) -> int:
     rows = run(args, ceil)
     print_table(rows, ceil, args.dtype)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ceilings": ceil, "args": vars(args), "rows": [asdict(r) for r in rows]}, f, indent=1)
+        common.write_json(args.json, {"ceilings": ceil, "args": vars(args), "rows": [asdict(r) for r in rows]})
     return 0
 
 

@@ -14,8 +14,6 @@ first run pays Triton's compile/autotune and the table shows the second.
 """
 from __future__ import annotations
 
-import json
-import os
 import resource
 import sys
 import time
@@ -116,11 +114,9 @@ def main(argv=None) -> int:
     mean_q = sum(r.err_quant for r in rep.layers) / len(rep.layers)
     mean_i = sum(r.err_init for r in rep.layers) / len(rep.layers)
     print(f"mean relative calibrated error: quantized {mean_q:.4f}, after init {mean_i:.4f}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"device": name, "args": vars(args), "wall_s": wall, "per_block_s": per_block,
-                   "peak_memory_gib": peak, "blocks": rows,
-                   "layers": [r.__dict__ for r in rep.layers]}, f, indent=2)
+    common.write_json(args.out, {"device": name, "args": vars(args), "wall_s": wall, "per_block_s": per_block,
+                                 "peak_memory_gib": peak, "blocks": rows, "layers": [r.__dict__ for r in rep.layers]},
+                      indent=2)
     print(f"wrote {args.out}")
     return 0
 

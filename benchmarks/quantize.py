@@ -24,10 +24,8 @@ GPTQ over-fits, most visibly at 2 bits (raise ``--tokens`` to see the held-out r
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import platform
 import statistics
 import sys
@@ -177,9 +175,7 @@ def main(argv=None) -> int:
         processor=platform.processor(), repeats=repeats, total_seconds=time.perf_counter() - t_start,
         rows=rows, summary=summary,
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    common.write_json(args.out, result)
     logger.info("wrote %s (%.0f s)", args.out, result["total_seconds"])
     return 0
 

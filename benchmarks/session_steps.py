@@ -1,5 +1,6 @@
-"""The steps of ``session.py`` (registered in ``session_registry.STEPS``): what a GPU call measures, in order, with estimates (H100/H200, JIT
-included). Plans only build closures; nothing heavy is imported until a measurement runs.
+"""The steps of ``session.py``: what a GPU call measures, in order, with estimates (H100/H200, JIT
+included), registered in ``session_registry.STEPS``. Plans only build closures; nothing heavy is
+imported until a measurement runs.
 
 quick (one call, <= 6 min): env and the two ceilings; bf16 correctness of every width against the
 reference; decode at M = 1 with rotated weights against tinygemm / GemLite / bitsandbytes; the

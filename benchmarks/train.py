@@ -30,7 +30,6 @@ instead runs a tiny config on the CPU through the torch reference backend (no ti
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import statistics
@@ -286,8 +285,7 @@ def main(argv=None) -> int:
     print_table(rows, args)
     print(f"LM head + loss alone (every variant pays it): {share['lm_head_loss_ms']:.2f} ms")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": [asdict(r) for r in rows], "lm_head": share}, f, indent=1)
+        common.write_json(args.json, {"args": vars(args), "rows": [asdict(r) for r in rows], "lm_head": share})
     return 0
 
 
