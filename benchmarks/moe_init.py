@@ -61,7 +61,18 @@ def main(argv=None) -> int:
     ap.add_argument("--save", default=None, help="only write each tiny model with MiniLM's tokenizer to SAVE/<arch>")
     ap.add_argument("--jsonl", default="results/moe_init.jsonl", help="append one JSON line per row as it is measured")
     args = ap.parse_args(argv)
-    logging.getLogger("cloq_engine").setLevel(logging.ERROR)
+    # quiet the engine's per-layer warnings for this run only: main() also runs in-process (cloq bench,
+    # the test suite), where a level left at ERROR would hide every later warning
+    engine_log = logging.getLogger("cloq_engine")
+    level = engine_log.level
+    engine_log.setLevel(logging.ERROR)
+    try:
+        return _run(args)
+    finally:
+        engine_log.setLevel(level)
+
+
+def _run(args) -> int:
     tok = data.load_model()[1]
     if args.save:
         for arch in args.archs:

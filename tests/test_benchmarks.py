@@ -3,6 +3,7 @@
 GPU session can trust them to run in one call. Timings are never asserted."""
 import ast
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -206,3 +207,5 @@ def test_moe_init_table_and_lines(tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["arch"], r["bits"]) for r in rows] == [("qwen3_moe", 2)] and rows[0]["experts"] > 0
     assert "| qwen3_moe | 2 |" in capsys.readouterr().out
+    # run in-process, it must not leave the engine's warnings silenced for what runs next
+    assert logging.getLogger("cloq_engine").level == logging.NOTSET

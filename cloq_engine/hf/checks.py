@@ -214,15 +214,19 @@ class _Snapshot:
 
 
 @contextlib.contextmanager
-def guarded(model: nn.Module, plan):
+def guarded(model: nn.Module, plan, restore: bool = True):
     """Around a prepare driver's work on ``model`` (after its plan, ``hf/plan.py``): the model in
     eval mode while it is calibrated, its train/eval mode given back after, and its experts modules
     run by cloq's experts implementation (which records their inputs, dense or packed); if anything
     raises, KeyboardInterrupt included, the caller's model is put back as it was (every driver, the
-    same way)."""
+    same way).
+
+    ``restore=False`` for a model the driver built itself (the streaming path's meta skeleton): there
+    is no caller's model to put back, and a snapshot would hold every replaced layer's weights
+    (loaded block by block) until the end, the whole model in memory."""
     from ..experts import use_cloq_experts
 
-    snapshot = _Snapshot(model, plan.targets)
+    snapshot = _Snapshot(model, plan.targets) if restore else None
     was_training = model.training
     model.eval()
     if plan.expert_targets:
@@ -230,6 +234,7 @@ def guarded(model: nn.Module, plan):
     try:
         yield
     except BaseException:
-        snapshot.restore()
+        if snapshot is not None:
+            snapshot.restore()
         raise
     model.train(was_training)

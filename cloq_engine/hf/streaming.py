@@ -401,7 +401,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
     t0 = time.perf_counter()
     tail = os.path.join(partial, TAIL_FILE)
     tail_done = not outside_targets or os.path.isfile(tail)
-    with guarded(model, plan):
+    with guarded(model, plan, restore=False):  # our own skeleton: nothing to restore
         if not (start == len(blocks) and tail_done):  # else killed while assembling: everything is written
             # a resumed run with every block done still runs them forward, for the tail's inputs
             run_blocks(model, plan, builder, targets=[t for t in targets if t not in outside_targets or not tail_done],

@@ -3,7 +3,7 @@ dequantized base and re-quantize the sum on the layer's own grid with GPTQ, agai
 matrix ``H = X^T X`` of that layer's calibration inputs.
 
 A checkpoint keeps no Grams (they are as large as the weights squared), so they are captured again
-as prepare captures them (:func:`cloq_engine.hf.prepare.run_sequential`): the calibration blocks run
+as prepare captures them (:func:`cloq_engine.hf.pipeline.run_blocks`): the calibration blocks run
 through the model block by block, each block's layers are merged and re-quantized, and the block's
 output, computed with the merged layers, feeds the next block (GPTQ's sequential calibration).
 
@@ -21,6 +21,7 @@ GGUF export has no adapter to carry.
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
@@ -48,7 +49,7 @@ def _merged_layer(layer: QuantLoRALinear, qw) -> QuantLoRALinear:
 
 
 class _MergeBuilder:
-    """run_sequential's builder: each QuantLoRALinear -> its merge, re-quantized with its Gram."""
+    """run_blocks' builder: each QuantLoRALinear -> its merge, re-quantized with its Gram."""
 
     def __init__(self, method: str, report):
         self.method, self.report, self.block = method, report, None
@@ -86,7 +87,8 @@ def calibrated_merge(model: nn.Module, calib: List[torch.Tensor], method: str = 
     "rtn": the naive one) with Grams captured from ``calib`` (token blocks); returns the per-layer
     errors (module docstring)."""
     from .. import calib as calib_mod
-    from ..hf.prepare import PrepareReport, run_sequential
+    from ..hf.pipeline import run_blocks
+    from ..hf.report import PrepareReport
 
     if method not in METHODS:
         raise ValueError(f"merge method must be one of {METHODS}; got {method!r}")
@@ -100,8 +102,11 @@ def calibrated_merge(model: nn.Module, calib: List[torch.Tensor], method: str = 
     device = next(model.parameters()).device
     builder = _MergeBuilder(method, PrepareReport())
     with torch.no_grad():
-        run_sequential(model, targets, calib_mod.batch_samples(list(calib), batch_size, device), builder,
-                       progress=progress)
+        # the merge's plan: its layers, no experts, the calibration batches (prepare's plan_prepare
+        # also checks and fits configs, which a prepared model no longer needs)
+        plan = SimpleNamespace(targets=targets, expert_targets=[],
+                               batches=calib_mod.batch_samples(list(calib), batch_size, device))
+        run_blocks(model, plan, builder, progress=progress)
     model.train(was_training)
     record = getattr(model, "cloq_config", None)
     if isinstance(record, dict):

@@ -30,8 +30,8 @@ def quantize_weight(W: torch.Tensor, config: QuantConfig, H: Optional[torch.Tens
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"`config` must be a QuantConfig; got {type(config).__name__}")
-    config = layer_config(config, W.shape[1])  # a k-quant grid's fallback layer has bits of its own
     check_weight(W, config)
+    config = layer_config(config, W.shape[1])  # a k-quant grid's fallback layer has bits of its own
     if H is not None:
         check_hessian(H, W.shape[1])
     spec = get_quantizer(config.method)
