@@ -35,6 +35,7 @@ from ..quant import get_quantizer
 from ..experts import (RECORDER_ATTR, QuantLoRAExperts, dense_expert_weight, is_experts_module,
                        projection_names)
 from ..gram import GramAccumulator
+from ..packed_layer import check_layer_shape
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +102,8 @@ def check_expert_targets(model: nn.Module, names: List[str], quant_config: Quant
         mod_name, proj = split_target(name)
         module = model.get_submodule(mod_name)
         _, out_f, in_f = dense_expert_weight(getattr(module, proj), module.is_transposed).shape
-        if quant_config.group_size != -1 and in_f % quant_config.group_size:
-            raise ValueError(f"expert projection {name!r}: in_features={in_f} is not divisible by "
-                             f"group_size={quant_config.group_size}")
-        rank = lora_config.rank_for(name)
-        if rank > min(in_f, out_f):
-            raise ValueError(f"expert projection {name!r}: rank={rank} exceeds min(in_features, out_features)="
-                             f"{min(in_f, out_f)}")
+        check_layer_shape(in_f, out_f, quant_config.group_size, lora_config.rank_for(name),
+                          f"expert projection {name!r}: ")
         if quant_config.act_order:
             raise ValueError(f"expert projection {name!r}: act_order is not supported for experts")
 
