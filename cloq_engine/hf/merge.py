@@ -19,7 +19,7 @@ from ..convert import is_factor
 from ..experts import QuantLoRAExperts
 from ..nn import QuantLoRALinear, is_conv1d
 from ..packed_layer import packed_layers
-from .experts import split_target
+from .moe import split_target
 from .targets import replace_modules
 
 logger = logging.getLogger(__name__)

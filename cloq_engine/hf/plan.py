@@ -20,7 +20,7 @@ from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
 from ..convert import needs_calibration
 from ..packed_layer import check_layer_shape
-from . import experts as moe
+from . import moe
 from .checks import (check_calibration, check_finite_weights, check_not_prepared, warn_underdetermined,
                      warn_untargeted)
 from .fit import fit_ranks, warn_tied_heads

@@ -21,7 +21,7 @@ from ..config import LoRAConfig, QuantConfig
 from ..convert import factor_dtype, linear_weight, replace_modules
 from ..experts import QuantLoRAExperts, dense_expert_weight, use_cloq_experts
 from ..nn import QuantLoRALinear
-from . import experts as moe
+from . import moe
 
 
 def _own_rank(lora_config: LoRAConfig, name: str) -> LoRAConfig:

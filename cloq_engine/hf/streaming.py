@@ -39,7 +39,7 @@ from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
 from ..convert import cast_dense, stored_state
 from ..formats import QUANT_BUFFERS
-from . import experts as moe
+from . import moe
 from .builder import LayerBuilder
 from .checks import guarded
 from .output_dir import check_free_space, write_dir_atomically
