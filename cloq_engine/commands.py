@@ -280,7 +280,7 @@ def _print_prepared(args, rep, qc, lc, model, device, times: str) -> None:
     if rep.experts:
         print("\n" + _experts_table(rep, lc))
     print("\n" + _summary(rep, qc, lc))
-    from .hf.experts import storage_summary
+    from .hf.moe import storage_summary
 
     storage = storage_summary(model)
     print(f"storage: {storage['quantized_bits_per_weight']:.3f} bits/weight over the {storage['quantized_weights']} "

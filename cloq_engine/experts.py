@@ -25,8 +25,9 @@ from torch import nn
 
 from . import backends
 from .config import LoRAConfig, QuantConfig
-from .formats import QUANT_BUFFERS, PackedBuffers, QuantizedWeight, packed_rows  # noqa: F401
+from .formats import QUANT_BUFFERS, QuantizedWeight  # noqa: F401
 from .layer_forward import backend_region, packed_forward
+from .packed_layer import PackedLoRALayer
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class QuantExpertsFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # The packed module
 # ---------------------------------------------------------------------------------------------
-class QuantLoRAExperts(PackedBuffers, nn.Module):
+class QuantLoRAExperts(PackedLoRALayer):
     """One projection of E experts: packed 2/3/4-bit (or NF4) weights plus per-expert LoRA.
 
     Expert e's weight Ŵ_e is (out_features, in_features) in nn.Linear's orientation, whatever the
@@ -127,34 +128,19 @@ class QuantLoRAExperts(PackedBuffers, nn.Module):
     * ``qweight``: int32 [E, Kp * bits / 32, N]
     * ``scales``: float16 [E, G, N]; ``zeros``: float16 [E, G, N] (None for NF4)
 
-    Trainable: ``lora_A`` [E, rank, in] and ``lora_B`` [E, out, rank] (PEFT's ``lora_`` prefix).
-    Buffers keep their dtypes under ``model.half()`` / ``.to(bf16)`` (only device moves apply).
+    Trainable: ``lora_A`` [E, rank, in] and ``lora_B`` [E, out, rank] (PEFT's ``lora_`` prefix),
+    in ``factor_dtype(lora_config, dtype)`` as :class:`~cloq_engine.nn.QuantLoRALinear`'s: both kinds
+    are :class:`~cloq_engine.packed_layer.PackedLoRALayer` (checks, the layer's own quantization
+    config under a k-quant grid, buffers, factors, dropout, dense views). Buffers keep their dtypes
+    under ``model.half()`` / ``.to(bf16)`` (only device moves apply).
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, quant_config: QuantConfig,
                  lora_config: LoRAConfig, transposed: bool = False, device=None, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        if quant_config.group_size != -1 and in_features % quant_config.group_size:
-            raise ValueError(f"in_features={in_features} is not divisible by group_size={quant_config.group_size}")
-        if lora_config.rank > min(in_features, out_features):
-            raise ValueError(
-                f"`rank`={lora_config.rank} exceeds min(in_features, out_features)={min(in_features, out_features)}")
-        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
-        self.quant_config, self.lora_config = quant_config, lora_config
-        self.bits, self.group_size, self.rank = quant_config.bits, quant_config.group_size, lora_config.rank
-        self.method = quant_config.method.value
-        self.scaling = lora_config.scaling
+        super().__init__(in_features, out_features, quant_config, lora_config, lead=(num_experts,), device=device,
+                         dtype=dtype)
+        self.num_experts = num_experts
         self.transposed = bool(transposed)
-        groups = 1 if self.group_size == -1 else in_features // self.group_size
-        E = num_experts
-        self.register_buffer("qweight", torch.empty(E, packed_rows(in_features, self.bits), out_features,
-                                                    dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.empty(E, groups, out_features, dtype=torch.float16, device=device))
-        self.register_buffer("zeros", None if self.method == "nf4" else
-                             torch.empty(E, groups, out_features, dtype=torch.float16, device=device))
-        self.lora_A = nn.Parameter(torch.empty(E, self.rank, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.empty(E, out_features, self.rank, dtype=dtype, device=device))
-        self.lora_dropout = nn.Dropout(lora_config.dropout) if lora_config.dropout > 0 else nn.Identity()
 
     @classmethod
     def from_quantized(cls, qws: Sequence[QuantizedWeight], lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -166,11 +152,10 @@ class QuantLoRAExperts(PackedBuffers, nn.Module):
         q0 = qws[0]
         layer = cls(len(qws), q0.in_features, q0.out_features, quant_config, lora_config, transposed,
                     device="meta", dtype=dtype)
-        state = {"qweight": torch.stack([q.qweight for q in qws]), "scales": torch.stack([q.scales for q in qws]),
-                 "lora_A": lora_A.detach().to(dtype).contiguous(), "lora_B": lora_B.detach().to(dtype).contiguous()}
+        packed = {"qweight": torch.stack([q.qweight for q in qws]), "scales": torch.stack([q.scales for q in qws])}
         if q0.zeros is not None:
-            state["zeros"] = torch.stack([q.zeros for q in qws])
-        layer.load_state_dict(state, assign=True)
+            packed["zeros"] = torch.stack([q.zeros for q in qws])
+        layer._load_packed(packed, lora_A.contiguous(), lora_B.contiguous())
         return layer
 
     # -- views ---------------------------------------------------------------------------------
@@ -179,23 +164,13 @@ class QuantLoRAExperts(PackedBuffers, nn.Module):
         return QuantizedWeight(self.qweight[e], self.scales[e], None if self.zeros is None else self.zeros[e],
                                self.bits, self.group_size, self.in_features, self.out_features, self.method)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
-
     def dequantize(self) -> torch.Tensor:
         """Ŵ of every expert, float32 [E, out, in] (for merging and tests; the forward never builds it)."""
         return torch.stack([self.expert(e).dequantize() for e in range(self.num_experts)])
 
-    def delta_weight(self) -> torch.Tensor:
-        """scaling·B_e·A_e of every expert, float32 [E, out, in]."""
-        return self.scaling * torch.bmm(self.lora_B.float(), self.lora_A.float())
-
     def dense_parameter(self, merge: bool, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Ŵ (+ scaling·B·A when ``merge``) in the layout of the parameter this module replaced."""
-        w = self.dequantize().to(self.lora_A.device)
-        if merge:
-            w = w + self.delta_weight()
+        w = self.dense_weight(merge)
         w = w.transpose(1, 2) if self.transposed else w
         return w.contiguous().to(dtype or self.lora_A.dtype)
 
@@ -208,9 +183,7 @@ class QuantLoRAExperts(PackedBuffers, nn.Module):
             x2, x_lora, self.lora_A, self.lora_B, self, counts))
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, group_size={self.group_size}, method={self.method}, rank={self.rank}, "
-                f"scaling={self.scaling:g}, transposed={self.transposed}")
+        return f"num_experts={self.num_experts}, {self._repr_fields()}, transposed={self.transposed}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .hf.from_gptq import check_checkpoint_fits, prepare_from_gptq, quant_config
 from .hf.output_dir import EXPORT_MARKER, check_output_dir, is_cloq_export, write_dir_atomically
 from .hf.record import state_nbytes, superseded_weights
 from .nn import QuantLoRALinear
+from .packed_layer import packed_layers
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +32,10 @@ ADAPTER_DIR = "adapter"
 
 
 # ---- export -------------------------------------------------------------------------------------
-def _quant_layers(model: nn.Module) -> Dict[str, QuantLoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
-
-
 def gptq_state_dict(model: nn.Module, checkpoint_format: str = "gptq") -> Dict[str, torch.Tensor]:
     """The base model's tensors in the GPTQ layout: quantized layers as qweight/qzeros/scales/g_idx
     (+ bias), every other parameter and buffer as is; LoRA factors left out."""
-    layers = _quant_layers(model)
+    layers = packed_layers(model, QuantLoRALinear)
     if not layers:
         raise ValueError("the model has no QuantLoRALinear layers: prepare or load a cloq model first")
     from .experts import QuantLoRAExperts
@@ -71,7 +68,7 @@ def resolve_checkpoint_format(model: nn.Module, checkpoint_format: str = "auto")
     """"auto": v1 ("gptq", the widest-read layout) when every layer's zeros fit it, else "gptq_v2"."""
     if checkpoint_format != "auto":
         return checkpoint_format
-    layers = _quant_layers(model)
+    layers = packed_layers(model, QuantLoRALinear)
     misfits = [n for n, m in layers.items() if not gptq_format.fits_v1(m.quantized_weight)]
     if not misfits:
         return "gptq"
@@ -99,7 +96,7 @@ def export_gptq(model: nn.Module, out_dir: str, checkpoint_format: str = "auto",
 
     from .hf.peft_interop import export_peft_adapter
 
-    layers = _quant_layers(model)
+    layers = packed_layers(model, QuantLoRALinear)
     first = next(iter(layers.values()), None)
     if first is None:
         raise ValueError("the model has no QuantLoRALinear layers: prepare or load a cloq model first")

@@ -13,10 +13,10 @@ from torch import nn
 
 from . import backends
 from .config import LoRAConfig, QuantConfig
-from .convert import build_layer, factor_dtype, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
-from .formats import QUANT_BUFFERS, PackedBuffers, QuantizedWeight, packed_rows  # noqa: F401 (QUANT_BUFFERS re-exported)
-from .quant.grids import layer_config
+from .convert import build_layer, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
+from .formats import QUANT_BUFFERS, QuantizedWeight  # noqa: F401 (QUANT_BUFFERS re-exported)
 from .layer_forward import autocast_dtype, backend_region, packed_forward  # noqa: F401 (autocast_dtype re-exported)
+from .packed_layer import PackedLoRALayer
 
 
 class QuantLoRAFunction(torch.autograd.Function):
@@ -51,7 +51,7 @@ class QuantLoRAFunction(torch.autograd.Function):
         )
 
 
-class QuantLoRALinear(PackedBuffers, nn.Module):
+class QuantLoRALinear(PackedLoRALayer):
     """A linear layer with a packed 2/3/4-bit (or NF4) base weight and a LoRA adapter.
 
     Buffers ``qweight``, ``scales``, ``zeros`` (see :class:`QuantizedWeight`) are never
@@ -60,7 +60,9 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
     (rank, in) and ``lora_B`` (out, rank) are the only trainable Parameters, in
     ``lora_config.lora_dtype`` (float32 unless asked otherwise, whatever ``dtype``); ``bias`` is
     frozen. ``dtype`` (``base_dtype``) is the dtype of the dense layer replaced: the bias, the
-    ``weight`` view and a merge's default.
+    ``weight`` view and a merge's default. What it shares with the experts kind (checks, buffers,
+    factors, dropout, dense views) is :class:`~cloq_engine.packed_layer.PackedLoRALayer`; the
+    forward wrapper is ``layer_forward.packed_forward``.
 
     Build it with :meth:`from_linear` (quantize + calibrated init), :meth:`from_quantized`, or
     empty (e.g. on ``meta``) from shapes and configs, then ``load_state_dict(..., assign=True)``.
@@ -76,32 +78,10 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
         device=None,
         dtype: torch.dtype = torch.float32,
     ):
-        super().__init__()
-        quant_config = layer_config(quant_config, in_features)  # this layer's bits (a k-quant grid's fallback)
-        if quant_config.group_size != -1 and in_features % quant_config.group_size:
-            raise ValueError(f"in_features={in_features} is not divisible by group_size={quant_config.group_size}")
-        if lora_config.rank > min(in_features, out_features):
-            raise ValueError(
-                f"`rank`={lora_config.rank} exceeds min(in_features, out_features)={min(in_features, out_features)}"
-            )
-        self.in_features, self.out_features = in_features, out_features
-        self.quant_config, self.lora_config = quant_config, lora_config
-        self.bits, self.group_size, self.rank = quant_config.bits, quant_config.group_size, lora_config.rank
-        self.method = quant_config.method.value
-        self.scaling = lora_config.scaling
-        groups = 1 if self.group_size == -1 else in_features // self.group_size
-        self.register_buffer("qweight", torch.empty(packed_rows(in_features, self.bits), out_features,
-                                                    dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
-        self.register_buffer("zeros", None if self.method == "nf4" else
-                             torch.empty(groups, out_features, dtype=torch.float16, device=device))
+        super().__init__(in_features, out_features, quant_config, lora_config, device=device, dtype=dtype)
         self.register_buffer("perm", None)  # input permutation of a GPTQ act-order import (QuantizedWeight.perm)
         self.base_dtype = dtype
-        factors = factor_dtype(lora_config, dtype)
-        self.lora_A = nn.Parameter(torch.empty(self.rank, in_features, dtype=factors, device=device))
-        self.lora_B = nn.Parameter(torch.empty(out_features, self.rank, dtype=factors, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self.lora_dropout = nn.Dropout(lora_config.dropout) if lora_config.dropout > 0 else nn.Identity()
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -113,14 +93,8 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
         dtype = dtype or lora_A.dtype
         layer = cls(qw.in_features, qw.out_features, quant_config, lora_config, bias=bias is not None,
                     device="meta", dtype=dtype)
-        factors = layer.lora_A.dtype
-        state = {"qweight": qw.qweight, "scales": qw.scales, "lora_A": lora_A.detach().to(factors),
-                 "lora_B": lora_B.detach().to(factors)}
-        if qw.zeros is not None:
-            state["zeros"] = qw.zeros
-        if bias is not None:
-            state["bias"] = bias.detach().to(dtype)
-        layer.load_state_dict(state, assign=True)
+        packed = {"qweight": qw.qweight, "scales": qw.scales, **({} if qw.zeros is None else {"zeros": qw.zeros})}
+        layer._load_packed(packed, lora_A, lora_B, None if bias is None else {"bias": bias.detach().to(dtype)})
         if qw.perm is not None:
             layer.perm = qw.perm.clone()
         if layer.bias is not None:  # assign=True keeps the loaded tensor's requires_grad
@@ -139,12 +113,13 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                                self.in_features, self.out_features, self.method, self.perm)
 
-    def delta_weight(self) -> torch.Tensor:
-        """scaling·B·A in float32, (out, in)."""
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+    def dequantize(self) -> torch.Tensor:
+        """Ŵ (out, in), float32."""
+        return self.quantized_weight.dequantize()
 
     def merged_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        w = self.quantized_weight.dequantize() + self.delta_weight()
+        """Ŵ + scaling·B·A (out, in), float32 unless ``dtype``."""
+        w = self.dense_weight(merge=True)
         return w if dtype is None else w.to(dtype)
 
     @property
@@ -171,7 +146,5 @@ class QuantLoRALinear(PackedBuffers, nn.Module):
             x2, x_lora, self.lora_A, self.lora_B, self.bias, qw, self.scaling), perm=self.perm)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, method={self.method}, rank={self.rank}, "
-                f"scaling={self.scaling:g}, bias={self.bias is not None}")
+        return f"{self._repr_fields()}, bias={self.bias is not None}"
 

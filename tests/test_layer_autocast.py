@@ -139,3 +139,71 @@ def test_a_prepared_moe_model_runs_under_cpu_autocast_on_the_cpp_backend(monkeyp
     tol = 5 * AMP_TOL[amp_dtype]  # two blocks of rounding
     close = ((y.float() - y32).abs() <= tol * y32.abs().max()).all(dim=-1)[0]
     assert int(close.sum()) >= close.numel() - 2, f"tokens off: {(~close).nonzero().flatten().tolist()}"
+
+
+def _empty_like(layer):
+    """An empty layer of the same kind and configs on meta, as a checkpoint loader builds it."""
+    if isinstance(layer, QuantLoRAExperts):
+        return QuantLoRAExperts(layer.num_experts, layer.in_features, layer.out_features, layer.quant_config,
+                                layer.lora_config, transposed=layer.transposed, device="meta", dtype=layer.lora_A.dtype)
+    return QuantLoRALinear(layer.in_features, layer.out_features, layer.quant_config, layer.lora_config,
+                           bias=layer.bias is not None, device="meta", dtype=layer.base_dtype)
+
+
+@pytest.mark.parametrize("kind", ["linear", "experts"])
+@pytest.mark.parametrize("backend,amp_dtype", [(b, d) for b in ("torch", "cpp") for d in (None, torch.bfloat16,
+                                                                                         torch.float16)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_every_packed_kind_saves_and_loads_bitwise(monkeypatch, tmp_path, kind, backend, amp_dtype):
+    """The state dict written to disk and loaded into an empty layer of the same kind (on meta, as
+    load_pretrained does) gives back the same tensors and the same output to the bit, autocast or not."""
+    if backend not in ce.available_backends():
+        pytest.skip(f"the {backend} backend is unavailable here")
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("CLOQ_BACKEND", backend)
+    layer, x, extra, _, _ = LAYERS[kind]()
+    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, str(tmp_path / "layer.safetensors"))
+    state = load_file(str(tmp_path / "layer.safetensors"))
+    loaded = _empty_like(layer)
+    loaded.load_state_dict(state, assign=True)
+    assert set(state) == set(layer.state_dict())
+    for name, t in layer.state_dict().items():
+        got = loaded.state_dict()[name]
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        y, y_loaded = layer(x, *extra), loaded(x, *extra)
+    assert y.dtype == y_loaded.dtype and torch.equal(y, y_loaded)
+
+
+K_QUANT = ce.QuantConfig(bits=2, group_size=32, method="rtn", grid="q2_k")  # no 256-wide super-block fits 96 or 64
+
+
+def test_both_packed_kinds_store_a_k_quant_grids_fallback_alike():
+    """A row too short for a k-quant super-block is quantized on llama.cpp's fallback grid (4-bit
+    Q4_0 for q2_k): both kinds size their buffers and read their codes at the fallback's bits. The
+    experts kind used the config's 2 bits, and an MoE prepared with grid=q2_k failed in load_state_dict
+    (size mismatch for qweight)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(len(COUNTS), OUT_F, IN_F, generator=g)
+    qws = [ce.quantize_weight(W[e], K_QUANT) for e in range(len(COUNTS))]
+    assert {q.bits for q in qws} == {4}
+    A, B = torch.zeros(len(COUNTS), 4, IN_F), torch.zeros(len(COUNTS), OUT_F, 4)
+    experts = QuantLoRAExperts.from_quantized(qws, A, B, LORA, K_QUANT)
+    linear = QuantLoRALinear.from_quantized(qws[0], A[0], B[0], LORA, K_QUANT)
+    for layer in (experts, linear):
+        assert (layer.bits, layer.quant_config.grid) == (4, "q4_0")
+    torch.testing.assert_close(experts.dequantize(), torch.stack([q.dequantize() for q in qws]), rtol=0, atol=0)
+    torch.testing.assert_close(linear.dequantize(), qws[0].dequantize(), rtol=0, atol=0)
+
+
+def test_a_moe_model_prepares_saves_and_loads_on_a_k_quant_grid(tmp_path):
+    from tiny_moe import tiny_moe, tiny_moe_calib
+
+    model = ce.prepare_model(tiny_moe("qwen3_moe"), K_QUANT, LORA)
+    assert {m.bits for m in model.modules() if isinstance(m, QuantLoRAExperts)} == {4}
+    x = tiny_moe_calib(1, seed=3)[0]
+    ce.save_pretrained(model, str(tmp_path / "ckpt"))
+    loaded = ce.load_pretrained(str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)

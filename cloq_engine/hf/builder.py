@@ -18,7 +18,7 @@ from torch import nn
 from ..convert import LayerInit, build_layer, init_layer, linear_weight, quantize_and_init
 from ..formats import QuantizedWeight
 from ..nn import QuantLoRALinear
-from . import experts as moe
+from . import moe
 from .report import BlockReport, ExpertReport, LayerReport, PrepareReport, init_errors
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantLoRALinear, linear_weight
-from .experts import experts_modules
+from .moe import experts_modules
 from .targets import is_linear_like, output_embedding_names, replace_modules
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class _Snapshot:
     def __init__(self, model: nn.Module, targets: List[str]):
         self.model = model
         self.modules = {n: model.get_submodule(n) for n in targets}
-        # packed expert projections replace parameters of the experts modules (hf/experts.py)
+        # packed expert projections replace parameters of the experts modules (hf/moe.py)
         self.expert_params = {(m, n): p for m in experts_modules(model).values()
                               for n, p in m._parameters.items() if p is not None}
         get_impl = getattr(model, "get_experts_implementation", None)

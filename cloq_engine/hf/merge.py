@@ -1,8 +1,10 @@
 """Dense models from prepared ones: the dequantized base Ŵ, or Ŵ + scaling·B·A merged.
 
-Every :class:`QuantLoRALinear` becomes the layer type it replaced (``nn.Linear``, or
-transformers' ``Conv1D`` for GPT-2 style models, whose weight is stored (in, out)) with the same
-bias. The original type is read from a ``meta`` skeleton of the model built from its config.
+One pass over both packed kinds (``packed_layer.packed_layers``): every :class:`QuantLoRALinear`
+becomes the layer type it replaced (``nn.Linear``, or transformers' ``Conv1D`` for GPT-2 style
+models, whose weight is stored (in, out)) with the same bias, the original type read from a
+``meta`` skeleton of the model built from its config; every :class:`QuantLoRAExperts` becomes
+the frozen 3-D parameter it replaced, in its original layout.
 """
 from __future__ import annotations
 
@@ -14,15 +16,17 @@ import torch
 from torch import nn
 
 from ..convert import is_factor
+from ..experts import QuantLoRAExperts
 from ..nn import QuantLoRALinear, is_conv1d
-from .experts import densify_experts, quant_experts
+from ..packed_layer import packed_layers
+from .moe import split_target
 from .targets import replace_modules
 
 logger = logging.getLogger(__name__)
 
 
 def quant_layers(model: nn.Module) -> Dict[str, QuantLoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
+    return packed_layers(model, QuantLoRALinear)
 
 
 def conv1d_names(model: nn.Module, names) -> set:
@@ -123,20 +127,27 @@ def _densify(model: nn.Module, merge: bool, dtype: Optional[torch.dtype]) -> nn.
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"`dtype` must be a floating-point torch.dtype; got {dtype!r}")
     check_unwrapped(model, "merge_and_unload" if merge else "dequantized_base")
-    layers = quant_layers(model)
-    if not layers and not quant_experts(model):
+    packed = packed_layers(model)
+    if not packed:
         raise ValueError(f"{type(model).__name__} has no QuantLoRALinear layer to convert")
+    layers = {n: m for n, m in packed.items() if isinstance(m, QuantLoRALinear)}
     conv1d = conv1d_names(model, list(layers))
     new = {}
     with torch.no_grad():
         for name, layer in layers.items():
             target_dtype = dtype or layer.base_dtype  # as PEFT merges: into the base weight's dtype
-            w = layer.merged_weight() if merge else layer.quantized_weight.dequantize()
-            new[name] = dense_layer(layer, w.to(target_dtype), name in conv1d)
+            new[name] = dense_layer(layer, layer.dense_weight(merge).to(target_dtype), name in conv1d)
             if new[name].bias is not None:
                 new[name].bias.data = new[name].bias.data.to(target_dtype)
-    replace_modules(model, new)
-    densify_experts(model, merge, dtype or dense_dtype(model))  # packed expert projections back to 3-D parameters
+        replace_modules(model, new)
+        experts_dtype = dtype or dense_dtype(model)  # that of the (now dense) model's embeddings
+        for name, layer in packed.items():
+            if isinstance(layer, QuantLoRAExperts):  # back to the 3-D parameter it replaced
+                mod_name, proj = split_target(name)
+                module = model.get_submodule(mod_name)
+                w = layer.dense_parameter(merge, experts_dtype)
+                delattr(module, proj)
+                module.register_parameter(proj, nn.Parameter(w, requires_grad=False))
     _forget_quantization(model)
     return model
 

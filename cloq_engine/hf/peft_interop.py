@@ -29,7 +29,7 @@ from torch import nn
 
 from ..layer_forward import packed_forward
 from ..nn import QuantLoRAFunction, QuantLoRALinear
-from .experts import peft_expert_factors, peft_wrapper_prefixes, quant_experts
+from .moe import peft_expert_factors, peft_wrapper_prefixes, quant_experts
 from .merge import conv1d_names, quant_layers
 from .output_dir import check_output_dir, is_cloq_adapter, write_dir_atomically
 from .record import quantization_record

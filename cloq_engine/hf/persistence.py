@@ -25,11 +25,12 @@ from torch import nn
 
 from ..convert import mark_trainable
 from ..nn import QUANT_BUFFERS
+from .skeleton import swap_in_empty_layers
 from .output_dir import check_output_dir, recover_interrupted, write_dir_atomically
 from .record import (ALIASES_KEY, CONFIG_NAME, FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME,  # noqa: F401 (re-exported)
                      add_perm_buffers, check_quantized_tensors, check_targets_quantized, checkpoint_shapes,
-                     deduplicated_state_dict, empty_quant_layer, hf_config_dict, parse_record, quantization_record, read_aliases,
-                     same_view, state_nbytes, storage_key, superseded_weights, swap_in_empty_layers, tensor_checksum,
+                     deduplicated_state_dict, hf_config_dict, parse_record, quantization_record, read_aliases,
+                     same_view, state_nbytes, storage_key, superseded_weights, tensor_checksum,
                      tie_aliases, verify_checksums)
 from .quantizer import set_cloq_config, update_cloq_config
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import calib as calib_mod
 from ..convert import mark_trainable, replace_modules
-from . import experts as moe
+from . import moe
 from .builder import LayerBuilder
 from .fit import untie_heads
 from .quantizer import set_cloq_config
@@ -34,7 +34,7 @@ def prepare_experts(root: nn.Module, names: List[str], builder: LayerBuilder, pr
     down, calibrated on the outputs of the already-quantized (gate_)up (true-sequential).
 
     ``run(recorder)`` runs the calibration forward passes (None: no calibration data); see
-    ``hf/experts.collect_expert_grams``."""
+    ``hf/moe.collect_expert_grams``."""
     wanted: Dict[str, List[str]] = {}
     for n in names:
         mod_name, proj = moe.split_target(n)

@@ -19,7 +19,8 @@ from torch import nn
 from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
 from ..convert import needs_calibration
-from . import experts as moe
+from ..packed_layer import check_layer_shape
+from . import moe
 from .checks import (check_calibration, check_finite_weights, check_not_prepared, warn_underdetermined,
                      warn_untargeted)
 from .fit import fit_ranks, warn_tied_heads
@@ -65,11 +66,7 @@ def check_targets(model: nn.Module, targets: List[str], quant_config: QuantConfi
         if name in experts:
             continue
         out_f, in_f = linear_weight(model.get_submodule(name)).shape
-        if quant_config.group_size != -1 and in_f % quant_config.group_size:
-            raise ValueError(f"layer {name!r}: in_features={in_f} is not divisible by group_size={quant_config.group_size}")
-        rank = lora_config.rank_for(name)
-        if rank > min(in_f, out_f):
-            raise ValueError(f"layer {name!r}: rank={rank} exceeds min(in_features, out_features)={min(in_f, out_f)}")
+        check_layer_shape(in_f, out_f, quant_config.group_size, lora_config.rank_for(name), f"layer {name!r}: ")
     moe.check_expert_targets(model, experts, quant_config, lora_config)
 
 

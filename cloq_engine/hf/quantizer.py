@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from ..convert import mark_trainable
+from .skeleton import swap_in_empty_layers
 from .record import (FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, add_perm_buffers, check_quantized_tensors,
-                     checkpoint_shapes, parse_record, quantization_record, read_aliases, swap_in_empty_layers,
-                     tie_aliases, verify_checksums)
+                     checkpoint_shapes, parse_record, quantization_record, read_aliases, tie_aliases,
+                     verify_checksums)
 
 logger = logging.getLogger(__name__)
 

@@ -1,27 +1,25 @@
 """The cloq checkpoint record and the tensor helpers every reader and writer of it shares.
 
 ``config.json``'s ``quantization_config`` (:func:`quantization_record` / :func:`parse_record`),
-tensor checksums, the deduplicated state dict (tied tensors stored once), the empty layers a
-loader fills. :mod:`.persistence` (save/load), :mod:`.quantizer` (transformers'
+tensor checksums, the deduplicated state dict (tied tensors stored once); the empty layers a
+loader fills are :mod:`.skeleton`'s. :mod:`.persistence` (save/load), :mod:`.quantizer` (transformers'
 ``from_pretrained``) and :mod:`.streaming` (bounded-memory prepare) all build on this module, and
 it on none of them.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from ..config import LoRAConfig, QuantConfig
-from ..convert import linear_weight, replace_modules
 from ..formats import PackedBuffers
 from ..nn import QuantLoRALinear
 
@@ -235,49 +233,6 @@ def superseded_weights(rel: str) -> bool:
 
 def state_nbytes(state: Dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def empty_quant_layer(name: str, module: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig,
-                      dtype: Optional[torch.dtype]) -> QuantLoRALinear:
-    """An empty QuantLoRALinear on ``meta`` shaped like ``module`` (nn.Linear or Conv1D)."""
-    try:
-        out_f, in_f = linear_weight(module).shape
-    except TypeError:
-        raise ValueError(f"target {name!r} is a {type(module).__name__}, not a linear layer") from None
-    dtype = dtype or module.weight.dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    if lora_config.rank_pattern:  # this layer's own rank (PEFT's rank_pattern)
-        lora_config = dataclasses.replace(lora_config, rank=lora_config.rank_for(name), rank_pattern={})
-    try:
-        return QuantLoRALinear(in_f, out_f, quant_config, lora_config, bias=module.bias is not None,
-                               device="meta", dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"target {name!r}: {e}") from None
-
-
-def swap_in_empty_layers(model: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig, targets: List[str],
-                         dtype: Optional[torch.dtype] = None) -> None:
-    """Replace each target of a skeleton model by an empty QuantLoRALinear on ``meta`` (an empty
-    QuantLoRAExperts for a packed expert projection, with the model's experts implementation set
-    to cloq's)."""
-    from ..experts import use_cloq_experts
-    from .experts import is_expert_target, swap_in_empty_experts
-
-    experts = [t for t in targets if is_expert_target(model, t)]
-    if experts:
-        swap_in_empty_experts(model, quant_config, lora_config, experts, dtype)
-        use_cloq_experts(model)
-    layers = {}
-    for name in targets:
-        if name in experts:
-            continue
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"target {name!r} does not exist in {type(model).__name__}") from None
-        layers[name] = empty_quant_layer(name, module, quant_config, lora_config, dtype)
-    replace_modules(model, layers)
 
 
 def tie_aliases(model: nn.Module, aliases: Dict[str, str]) -> None:

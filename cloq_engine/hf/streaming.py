@@ -37,16 +37,17 @@ from torch import nn
 
 from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
-from ..convert import cast_dense, replace_modules, stored_state
+from ..convert import cast_dense, stored_state
 from ..formats import QUANT_BUFFERS
-from . import experts as moe
+from . import moe
 from .builder import LayerBuilder
 from .checks import guarded
 from .output_dir import check_free_space, write_dir_atomically
 from .persistence import model_class_for, owned, read_generation_config, write_side_files
 from .pipeline import finish, run_blocks
+from .skeleton import swap_in_empty_layers
 from .plan import check_configs, plan_prepare
-from .record import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, empty_quant_layer, hf_config_dict, quantization_record,
+from .record import (ALIASES_KEY, FORMAT_VERSION, WEIGHTS_NAME, hf_config_dict, quantization_record,
                      same_view, state_nbytes, storage_key, superseded_weights, tensor_checksum)
 from .report import BlockReport, ExpertReport, LayerReport, PrepareReport
 
@@ -362,11 +363,8 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
         prefix = f"{stack_name}.{i}."
         if i < start:  # finished earlier: its prepared tensors
             names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
-            replace_modules(block, {n: empty_quant_layer(prefix + n, block.get_submodule(n), quant_config,
-                                                         lora_config, dtype) for n in names})
-            moe.swap_in_empty_experts(block, quant_config, lora_config,
-                                      [t[len(prefix):] for t in expert_targets if t.startswith(prefix)], dtype,
-                                      prefix=prefix)
+            names += [t[len(prefix):] for t in expert_targets if t.startswith(prefix)]
+            swap_in_empty_layers(block, quant_config, lora_config, names, dtype, prefix=prefix)
             from safetensors.torch import load_file
 
             state = load_file(_block_file(partial, i), device=str(device))
@@ -408,8 +406,7 @@ def prepare_pretrained(model_path, out, quant_config: QuantConfig, lora_config: 
                        true_sequential=true_sequential, progress=progress, start=start, before_block=before_block,
                        after_block=after_block)
         if outside_targets and tail_done:  # prepared by an earlier run
-            replace_modules(model, {t: empty_quant_layer(t, model.get_submodule(t), quant_config, lora_config, dtype)
-                                    for t in outside_targets})
+            swap_in_empty_layers(model, quant_config, lora_config, outside_targets, dtype)
             from safetensors.torch import load_file
 
             model.load_state_dict({k: owned(v) for k, v in load_file(tail, device=str(device)).items()}, strict=False,

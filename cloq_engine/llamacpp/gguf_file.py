@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantLoRALinear
+from ..packed_layer import packed_layers
 from . import blocks
 
 logger = logging.getLogger(__name__)
@@ -180,13 +181,9 @@ def _float_tensor(name: str, t: torch.Tensor, perm, float_type: str) -> Tensor:
     return Tensor(name, np.ascontiguousarray(arr), None)
 
 
-def _quant_layers(model: nn.Module) -> Dict[str, QuantLoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
-
-
 def base_tensors(model: nn.Module, names: _Names, float_type: str = "f16", verify: bool = True,
                  allow_dense: bool = False) -> List[Tensor]:
-    layers = _quant_layers(model)
+    layers = packed_layers(model, QuantLoRALinear)
     if not layers and not allow_dense:
         raise ValueError("the model has no QuantLoRALinear layers: prepare or load a cloq model first")
     own = {f"{n}.{b}" for n in layers for b in ("qweight", "scales", "zeros", "perm", "lora_A", "lora_B")}
@@ -212,7 +209,7 @@ def base_tensors(model: nn.Module, names: _Names, float_type: str = "f16", verif
 def adapter_tensors(model: nn.Module, names: _Names) -> Tuple[float, List[Tensor]]:
     """(alpha, tensors) of the LoRA adapter: llama.cpp's scale alpha / rank equals each layer's
     ``scaling`` (folded into B where one alpha cannot give every layer its own)."""
-    layers = _quant_layers(model)
+    layers = packed_layers(model, QuantLoRALinear)
     ref = next(iter(layers.values()))
     alpha = float(ref.scaling * ref.rank)  # rsLoRA: alpha/sqrt(r) = (alpha·sqrt(r))/r
     out = []
@@ -377,7 +374,7 @@ def export_gguf(model: nn.Module, out_file: str, adapter_file: Optional[str] = N
     names = _Names(model, arch)
     config = model.config
     tensors = base_tensors(model, names, float_type, verify, allow_dense)
-    if adapter_file and not _quant_layers(model):
+    if adapter_file and not packed_layers(model, QuantLoRALinear):
         raise ValueError("the model has no LoRA layers: there is no adapter to write")
     types = {t.name: t.raw_type or ("F16" if t.data.dtype == np.float16 else "F32") for t in tensors}
     if adapter_file:

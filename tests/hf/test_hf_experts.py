@@ -8,7 +8,7 @@ import torch
 
 import cloq_engine as ce
 from cloq_engine.experts import QuantLoRAExperts
-from cloq_engine.hf import experts as moe
+from cloq_engine.hf import moe
 from tiny_moe import HIDDEN, MOE_ARCHS, TOP_K, tiny_moe, tiny_moe_calib
 
 RTN = ce.QuantConfig(bits=4, group_size=32, method="rtn")

@@ -35,6 +35,7 @@ from ..quant import get_quantizer
 from ..experts import (RECORDER_ATTR, QuantLoRAExperts, dense_expert_weight, is_experts_module,
                        projection_names)
 from ..gram import GramAccumulator
+from ..packed_layer import check_layer_shape, packed_layers
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +102,8 @@ def check_expert_targets(model: nn.Module, names: List[str], quant_config: Quant
         mod_name, proj = split_target(name)
         module = model.get_submodule(mod_name)
         _, out_f, in_f = dense_expert_weight(getattr(module, proj), module.is_transposed).shape
-        if quant_config.group_size != -1 and in_f % quant_config.group_size:
-            raise ValueError(f"expert projection {name!r}: in_features={in_f} is not divisible by "
-                             f"group_size={quant_config.group_size}")
-        rank = lora_config.rank_for(name)
-        if rank > min(in_f, out_f):
-            raise ValueError(f"expert projection {name!r}: rank={rank} exceeds min(in_features, out_features)="
-                             f"{min(in_f, out_f)}")
+        check_layer_shape(in_f, out_f, quant_config.group_size, lora_config.rank_for(name),
+                          f"expert projection {name!r}: ")
         if quant_config.act_order:
             raise ValueError(f"expert projection {name!r}: act_order is not supported for experts")
 
@@ -262,53 +258,8 @@ def replace_projection(module: nn.Module, proj: str, layer: nn.Module) -> None:
     setattr(module, proj, layer)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading: empty packed modules on meta
-# ---------------------------------------------------------------------------------------------
-def empty_experts_layer(model: nn.Module, name: str, quant_config: QuantConfig, lora_config: LoRAConfig,
-                        dtype: Optional[torch.dtype], prefix: str = "") -> QuantLoRAExperts:
-    """An empty QuantLoRAExperts on ``meta`` shaped like the skeleton's ``name`` parameter
-    (``prefix + name`` is its qualified name, for ``rank_pattern``)."""
-    mod_name, proj = split_target(name)
-    module = model.get_submodule(mod_name)
-    param = getattr(module, proj)
-    E, out_f, in_f = dense_expert_weight(param, module.is_transposed).shape
-    dtype = dtype or (param.dtype if param.dtype.is_floating_point else torch.float32)
-    lc = dataclasses.replace(lora_config, rank=lora_config.rank_for(prefix + name), rank_pattern={})
-    try:
-        return QuantLoRAExperts(E, in_f, out_f, quant_config, lc, transposed=module.is_transposed, device="meta",
-                                dtype=factor_dtype(lc, dtype))
-    except ValueError as e:
-        raise ValueError(f"target {name!r}: {e}") from None
-
-
-def swap_in_empty_experts(model: nn.Module, quant_config: QuantConfig, lora_config: LoRAConfig, names: List[str],
-                          dtype: Optional[torch.dtype] = None, prefix: str = "") -> None:
-    for name in names:
-        mod_name, proj = split_target(name)
-        replace_projection(model.get_submodule(mod_name), proj,
-                           empty_experts_layer(model, name, quant_config, lora_config, dtype, prefix))
-
-
 def quant_experts(model: nn.Module) -> Dict[str, QuantLoRAExperts]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRAExperts)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Dense again: merge / dequantized base
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def densify_experts(model: nn.Module, merge: bool, dtype: Optional[torch.dtype] = None) -> int:
-    """Put back each QuantLoRAExperts as the frozen 3-D parameter it replaced, holding Ŵ
-    (+ scaling·B·A when ``merge``) in the original layout. Returns how many were converted."""
-    layers = quant_experts(model)
-    for name, layer in layers.items():
-        mod_name, proj = split_target(name)
-        module = model.get_submodule(mod_name)
-        w = layer.dense_parameter(merge, dtype)
-        delattr(module, proj)
-        module.register_parameter(proj, nn.Parameter(w, requires_grad=False))
-    return len(layers)
+    return packed_layers(model, QuantLoRAExperts)
 
 
 # ---------------------------------------------------------------------------------------------
