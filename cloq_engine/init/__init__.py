@@ -83,9 +83,16 @@ def _check_psd(H: torch.Tensor, rtol: float = 1e-4) -> None:
         i = int(d.argmin())
         raise ValueError(f"`H` is not positive semi-definite: H[{i}, {i}] = {float(d[i]):.4g} < 0 "
                          "(it must be a Gram matrix X^T X)")
-    dc = d.clamp(min=0)
-    excess = H.abs() - torch.sqrt(torch.outer(dc, dc))
-    if float(excess.max()) > rtol * scale:
+    # Squares on H / max(diag), not sqrt(outer(d, d)): no overflow, and no in×in elementwise sqrt
+    # (on this project's 2-core VMs, the first large torch.sqrt of a process returned values 2.4e-4
+    # low on one of its two threads in about 1 run of 5, refusing a valid H). Flags |H_ij| beyond
+    # sqrt(H_ii·H_jj) + rtol·scale at most, since sqrt(H_ii·H_jj) <= scale.
+    if scale <= 0:
+        return
+    dn = d.clamp(min=0) / scale
+    excess = torch.square(H / scale) - torch.outer(dn, dn)
+    if float(excess.max()) > 2 * rtol + rtol * rtol:
+        dc = d.clamp(min=0)
         i, j = divmod(int(excess.argmax()), H.shape[1])
         raise ValueError(f"`H` is not positive semi-definite: |H[{i}, {j}]| = {float(H[i, j].abs()):.4g} exceeds "
                          f"sqrt(H[{i}, {i}]·H[{j}, {j}]) = {float(torch.sqrt(dc[i] * dc[j])):.4g} "
