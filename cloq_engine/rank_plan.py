@@ -16,7 +16,7 @@ from torch import nn
 from . import calib as calib_mod
 from .config import LoRAConfig, QuantConfig
 from .init.rank_alloc import allocate_ranks, whitened_spectrum
-from .convert import linear_weight
+from .layer_factory import linear_weight
 from .quant import quantize_weight
 
 logger = logging.getLogger(__name__)

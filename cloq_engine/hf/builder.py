@@ -4,7 +4,7 @@ A builder is the block loop's processor (GPTQModel's ``LoopProcessor``): the loo
 (``hf/pipeline.py``) hands it ``{name: H}`` for each group of layers sharing an input, and the
 builder quantizes, initialises and builds them and adds their report rows. :class:`LayerBuilder`
 quantizes (one GPTQ per group sharing H); :class:`ImportedQBuilder` keeps the Q of a GPTQ
-checkpoint and only initialises the LoRA factors. Both build through ``convert.build_layer`` and
+checkpoint and only initialises the LoRA factors. Both build through ``layer_factory.build_layer`` and
 report through the same rows, so every driver's report reads the same.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..convert import LayerInit, build_layer, init_layer, linear_weight, quantize_and_init
+from ..layer_factory import LayerInit, build_layer, init_layer, linear_weight, quantize_and_init
 from ..formats import QuantizedWeight
 from ..nn import QuantLoRALinear
 from . import moe

@@ -17,7 +17,7 @@ from typing import Dict, List
 from torch import nn
 
 from ..config import LoRAConfig, QuantConfig
-from ..convert import linear_weight
+from ..layer_factory import linear_weight
 from ..formats import packed_rows
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from torch import nn
 from .. import gptq_format
 from .. import init as init_mod
 from ..config import LoRAConfig, QuantConfig
-from ..convert import linear_weight
+from ..layer_factory import linear_weight
 from ..formats import QuantizedWeight
 from .builder import ImportedQBuilder
 from .checks import guarded

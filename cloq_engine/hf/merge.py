@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..convert import is_factor
+from ..layer_factory import is_factor
 from ..experts import QuantLoRAExperts
 from ..nn import QuantLoRALinear, is_conv1d
 from ..packed_layer import packed_layers

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import LoRAConfig, QuantConfig
-from ..convert import LayerInit, factor_dtype, needs_calibration, quantize_and_init
+from ..layer_factory import LayerInit, factor_dtype, needs_calibration, quantize_and_init
 from ..init import get_init
 from ..quant import get_quantizer
 from ..experts import (RECORDER_ATTR, QuantLoRAExperts, dense_expert_weight, is_experts_module,

@@ -48,7 +48,7 @@ DEQUANTIZED_BASE = "cloq-dequantized-base-of:{source}"
 def _task_type(model: nn.Module) -> Optional[str]:
     from types import SimpleNamespace
 
-    from ..data import is_causal_lm
+    from ..models import is_causal_lm
 
     config = getattr(model, "config", None)
     if config is None:

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..convert import mark_trainable
+from ..layer_factory import mark_trainable
 from ..nn import QUANT_BUFFERS
 from .skeleton import swap_in_empty_layers
 from .output_dir import check_output_dir, recover_interrupted, write_dir_atomically
@@ -203,7 +203,7 @@ def model_class_for(config):
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from ..data import is_causal_lm
+    from ..models import is_causal_lm
 
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if len(archs) == 1 else None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import calib as calib_mod
-from ..convert import mark_trainable, replace_modules
+from ..layer_factory import mark_trainable, replace_modules
 from . import moe
 from .builder import LayerBuilder
 from .fit import untie_heads

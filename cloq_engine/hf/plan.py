@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
-from ..convert import needs_calibration
+from ..layer_factory import needs_calibration
 from ..packed_layer import check_layer_shape
 from . import moe
 from .checks import (check_calibration, check_finite_weights, check_not_prepared, warn_underdetermined,
@@ -59,7 +59,7 @@ LayoutCheck = Callable[[nn.Module, List[str], List[str]], None]
 
 def check_targets(model: nn.Module, targets: List[str], quant_config: QuantConfig, lora_config: LoRAConfig) -> None:
     """Fail before any work if a target cannot take this configuration."""
-    from ..convert import linear_weight
+    from ..layer_factory import linear_weight
 
     experts = [t for t in targets if moe.is_expert_target(model, t)]
     for name in targets:

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 from torch import nn
 
 from ..config import LoRAConfig, QuantConfig
-from ..convert import build_layer, mark_trainable, needs_calibration, quantize_and_init  # noqa: F401 (re-exported)
+from ..layer_factory import build_layer, mark_trainable, needs_calibration, quantize_and_init  # noqa: F401 (re-exported)
 from .builder import LayerBuilder
 from .checks import guarded
 from .pipeline import finish, prepare_experts, run_blocks  # noqa: F401 (re-exported)

@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ..convert import mark_trainable
+from ..layer_factory import mark_trainable
 from .skeleton import swap_in_empty_layers
 from .record import (FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, add_perm_buffers, check_quantized_tensors,
                      checkpoint_shapes, parse_record, quantization_record, read_aliases, tie_aliases,

@@ -97,7 +97,7 @@ def relative_error(M: torch.Tensor, W: torch.Tensor, H: Optional[torch.Tensor]) 
 
 
 def init_errors(W: torch.Tensor, H: Optional[torch.Tensor], init, scaling: float, mode: str):
-    """``(err_quant, err_init)`` of one layer's :class:`~cloq_engine.convert.LayerInit` (see LayerReport)."""
+    """``(err_quant, err_init)`` of one layer's :class:`~cloq_engine.layer_factory.LayerInit` (see LayerReport)."""
     if mode == "off":
         return float("nan"), float("nan")
     W = W.float()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import LoRAConfig, QuantConfig
-from ..convert import factor_dtype, linear_weight, replace_modules
+from ..layer_factory import factor_dtype, linear_weight, replace_modules
 from ..experts import QuantLoRAExperts, dense_expert_weight, use_cloq_experts
 from ..nn import QuantLoRALinear
 from . import moe

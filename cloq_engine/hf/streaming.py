@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import calib as calib_mod
 from ..config import LoRAConfig, QuantConfig
-from ..convert import cast_dense, stored_state
+from ..layer_factory import cast_dense, stored_state
 from ..formats import QUANT_BUFFERS
 from . import moe
 from .builder import LayerBuilder

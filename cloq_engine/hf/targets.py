@@ -1,4 +1,4 @@
-"""Which modules to replace (by fully qualified name); ``convert.replace_modules`` swaps them."""
+"""Which modules to replace (by fully qualified name); ``layer_factory.replace_modules`` swaps them."""
 from __future__ import annotations
 
 import re
@@ -7,7 +7,7 @@ from typing import Callable, List
 from torch import nn
 
 from ..config import LoRAConfig
-from ..convert import is_linear_like, replace_modules  # noqa: F401  (replace_modules: re-exported)
+from ..layer_factory import is_linear_like, replace_modules  # noqa: F401  (replace_modules: re-exported)
 
 
 def _matches(name: str, patterns) -> bool:

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import data
+from .. import data, models
 from ..eval import classification_scores, embedding_agreement, mean_pool
 
 VAL_EVERY = 5  # every fifth training example is validation
@@ -170,7 +170,7 @@ def register_task(cls):
 def make_task(name: str, base: nn.Module, tokenizer, settings: TaskSettings = TaskSettings()) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
-    causal = data.is_causal_lm(base.config)
+    causal = models.is_causal_lm(base.config)
     if TASKS[name].causal != causal:
         kind = "a causal LM" if causal else "an encoder"
         raise ValueError(f"task {name!r} does not apply to {kind}; use {task_names_for(base)}")
@@ -178,7 +178,7 @@ def make_task(name: str, base: nn.Module, tokenizer, settings: TaskSettings = Ta
 
 
 def task_names_for(base: nn.Module) -> List[str]:
-    causal = data.is_causal_lm(base.config)
+    causal = models.is_causal_lm(base.config)
     return [n for n, c in TASKS.items() if c.causal == causal]
 
 

@@ -273,7 +273,7 @@ def test_storage_dtype_streams_as_the_in_memory_prepare_cast_after_calibration(s
     LoRA factors float32; equal to the in-memory prepare cast after calibration, also when resumed."""
     from transformers import AutoModelForCausalLM
 
-    from cloq_engine.convert import cast_dense
+    from cloq_engine.layer_factory import cast_dense
 
     src = source[0]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()

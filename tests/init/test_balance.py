@@ -2,7 +2,7 @@
 import torch
 
 import cloq_engine as ce
-from cloq_engine.convert import balance_factors
+from cloq_engine.layer_factory import balance_factors
 
 
 def _layer(init, balance, seed=0):

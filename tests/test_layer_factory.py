@@ -1,10 +1,10 @@
-"""convert.py: shared-H groups quantized once, split by rows exactly; from_linear builds subclasses."""
+"""layer_factory.py: shared-H groups quantized once, split by rows exactly; from_linear builds subclasses."""
 import pytest
 import torch
 from torch import nn
 
 import cloq_engine as ce
-from cloq_engine import convert
+from cloq_engine import layer_factory
 
 
 def _H(k, seed=0):
@@ -17,10 +17,10 @@ def test_split_rows_is_exact(method, bits):
     W = torch.randn(96, 64, generator=torch.Generator().manual_seed(1))
     qc = ce.QuantConfig(bits=bits, group_size=32, method=method)
     qw = ce.quantize_weight(W, qc, H=_H(64))
-    parts = convert.split_rows(qw, [32, 16, 48])
+    parts = layer_factory.split_rows(qw, [32, 16, 48])
     torch.testing.assert_close(torch.cat([p.dequantize() for p in parts]), qw.dequantize(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="do not add up"):
-        convert.split_rows(qw, [32, 32])
+        layer_factory.split_rows(qw, [32, 32])
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -30,7 +30,7 @@ def test_stacked_gptq_matches_layer_by_layer(act_order):
     Ws = [torch.randn(n, 64, generator=g) for n in (64, 32, 32)]
     H = _H(64)
     qc = ce.QuantConfig(bits=2, group_size=32, method="gptq", act_order=act_order)
-    stacked = convert.quantize_group(Ws, qc, H)
+    stacked = layer_factory.quantize_group(Ws, qc, H)
     for W, qw in zip(Ws, stacked):
         alone = ce.quantize_weight(W, qc, H=H)
         assert qw.shape == alone.shape
