@@ -184,13 +184,20 @@ def dequantize_stored(qw: "QuantizedWeight") -> torch.Tensor:
     The spec every backend's ``dequantize`` is tested against (``backends.torch_ref`` re-exports it)."""
     codes = unpack_codes(qw.qweight, qw.bits, qw.in_features)  # [K, N]
     g = qw.effective_group_size
-    scales = qw.scales.float().repeat_interleave(g, dim=0)  # [K, N]
+    K, N = codes.shape
+    G = qw.scales.shape[0]
+    if G * g == K:  # groups broadcast over their rows ([G, g, N] views): the same values, no [K, N] copies
+        scales = qw.scales.float().unsqueeze(1)
+        zeros = None if qw.is_nf4 else qw.zeros.float().unsqueeze(1)
+        codes = codes.view(G, g, N)
+    else:
+        scales = qw.scales.float().repeat_interleave(g, dim=0)[:K]
+        zeros = None if qw.is_nf4 else qw.zeros.float().repeat_interleave(g, dim=0)[:K]
     if qw.is_nf4:
         w_t = NF4_CODEBOOK.to(codes.device)[codes] * scales
     else:
-        zeros = qw.zeros.float().repeat_interleave(g, dim=0)
         w_t = (codes.float() - zeros) * scales
-    return w_t.t().contiguous()
+    return w_t.reshape(K, N).t().contiguous()
 
 
 @dataclass

@@ -346,7 +346,8 @@ KRYLOV_MAX_STEPS = 12
 
 @_one_thread
 def block_krylov_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = None, oversample: Optional[int] = None,
-                     power_iters: Optional[int] = None, seed: Optional[int] = 0) -> TruncatedSVD:
+                     power_iters: Optional[int] = None, seed: Optional[int] = 0,
+                     gram: Optional[Tuple[torch.Tensor, float]] = None) -> TruncatedSVD:
     """Top-``rank`` SVD of ``E = R·L`` by block Krylov iteration (Musco & Musco 2015) with Rayleigh–Ritz.
 
     The subspace is the whole Krylov space ``K = [EΩ, (EE^T)EΩ, ...]`` with block width
@@ -359,6 +360,12 @@ def block_krylov_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = Non
     than ``KRYLOV_TOL`` of the objective still left (the captured energy, the top-``rank``
     eigenvalues of ``K^T E E^T K``, against ``||E||_F^2`` estimated from the first sketch),
     checked from step ``KRYLOV_MIN_STEPS`` on, at most ``KRYLOV_MAX_STEPS`` steps.
+
+    ``gram=(H, λ)`` with ``L L^T = H + λI`` (CLoQ's whitening): the iteration only needs ``E E^T =
+    R (H + λI) R^T``, so each step takes three products with an in×in or out×in matrix (``R^T Q``,
+    ``H P``, ``R (H P)``) instead of four (``L`` and ``R`` both ways); ``L`` is used for the first
+    sketch and the final ``r`` columns only. ``E^T K = L^T P`` is never formed: ``K^T E E^T K =
+    P^T (H + λI) P``.
     """
     m, n = R.shape
     if oversample is None:
@@ -382,18 +389,41 @@ def block_krylov_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = Non
         with product_threads(R):
             return Y - K @ (K.transpose(0, 1) @ Y)
 
+    if gram is not None and L is None:
+        raise ValueError("`gram` needs the Cholesky factor `L` of H + λI")
+    Hg, lam = gram if gram is not None else (None, 0.0)
+
+    def right_factor(K_):  # (Z, ZtZ-ready) for new orthonormal columns K_: Z = E^T K_, or P = R^T K_ and H·P
+        if Hg is None:
+            Zn = Et_times(K_)
+            return Zn, Zn
+        with product_threads(R):
+            Pn = R.transpose(0, 1) @ K_
+            HPn = torch.addmm(Pn, Hg, Pn, beta=lam) if lam else Hg @ Pn
+        return Pn, HPn
+
+    def gram_block(A_, B_):  # A_^T·B_ in float64: Z^T Zq, or P^T (H + λI) Pq
+        with product_threads(R):
+            return (A_.transpose(0, 1) @ B_).double()
+
     Y = E_times(_gaussian(n, b, R, seed))
     total = float(Y.double().pow(2).sum()) / b  # E||EΩ||^2 = b·||E||_F^2 for a Gaussian Ω
     K = _orthonormal(Y)  # (m, k), orthonormal
-    Z = Et_times(K)  # E^T K (n, k)
-    G = (Z.transpose(0, 1) @ Z).double()  # K^T E E^T K
+    Z, HZ = right_factor(K)  # Z = E^T K, HZ = Z  |  Z = P = R^T K, HZ = (H + λI) P
+    G = gram_block(Z, HZ)  # K^T E E^T K
+    if Hg is not None:  # P^T (H P): symmetric only up to rounding
+        G = (G + G.transpose(0, 1)) / 2
     steps = KRYLOV_MAX_STEPS if power_iters is None else power_iters
-    eig, captured = None, None
+    captured = None
     for step in range(1, steps + 1):
         width = min(b, min(m, n) - K.shape[1])  # the last block may fill the space exactly
         if width <= 0:
             break
-        Y = E_times(Z[:, -b:])[:, :width]
+        if Hg is None:
+            Y = E_times(Z[:, -b:])[:, :width]
+        else:
+            with product_threads(R):
+                Y = (R @ HZ[:, -b:])[:, :width]  # E E^T K_last = R (H + λI) P_last
         for _ in range(2):
             Y = project_out(Y)
         Q = _orthonormal(Y)
@@ -401,41 +431,47 @@ def block_krylov_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = Non
         # normalising it magnifies its residual overlap with K; one more pass after the QR keeps
         # K orthonormal, which the Rayleigh–Ritz step below assumes (fp32: 2.6e-4 -> 1e-12 of the gap).
         Q = _orthonormal(project_out(Q))
-        Zq = Et_times(Q)
-        with product_threads(R):
-            C = (Z.transpose(0, 1) @ Zq).double()
-            D = (Zq.transpose(0, 1) @ Zq).double()
+        Zq, HZq = right_factor(Q)
+        C = gram_block(Z, HZq)
+        D = gram_block(Zq, HZq)
+        if Hg is not None:
+            D = (D + D.transpose(0, 1)) / 2
         G = torch.cat([torch.cat([G, C], 1), torch.cat([C.transpose(0, 1), D], 1)], 0)
         K, Z = torch.cat([K, Q], 1), torch.cat([Z, Zq], 1)
+        HZ = Z if Hg is None else torch.cat([HZ, HZq], 1)
         if power_iters is None and step >= KRYLOV_MIN_STEPS:
-            eig = torch.linalg.eigh(G)
-            prev, captured = captured, float(eig.eigenvalues[-rank:].sum())
+            # the check needs eigenvalues only; the eigenvectors are computed once, at the end
+            prev, captured = captured, float(torch.linalg.eigvalsh(G)[-rank:].sum())
             logger.debug("block_krylov_svd: step %d, width %d, captured %.6g of ~%.6g", step, K.shape[1], captured, total)
             if prev is not None and captured - prev <= KRYLOV_TOL * max(total - captured, 1e-3 * captured):
                 break
-    if eig is None or eig.eigenvectors.shape[0] != K.shape[1]:
-        eig = torch.linalg.eigh(G)
+    eig = torch.linalg.eigh(G)
     # Rayleigh–Ritz: the top-r eigenvectors of G, then an exact small SVD (no division by σ).
     Vr = eig.eigenvectors[:, -rank:].flip(1).to(R.dtype)  # (k, r)
-    Uz, S, Vzh = torch.linalg.svd(Z @ Vr, full_matrices=False)  # E^T K Vr = Uz S Vz^T
+    ZVr = Z @ Vr
+    if Hg is not None:
+        with product_threads(R):
+            ZVr = L.transpose(0, 1) @ ZVr  # E^T K Vr = L^T P Vr
+    Uz, S, Vzh = torch.linalg.svd(ZVr, full_matrices=False)  # E^T K Vr = Uz S Vz^T
     U = K @ (Vr @ Vzh.transpose(0, 1))
     return TruncatedSVD(U.contiguous(), S, Uz.transpose(0, 1).contiguous())
 
 
 def truncated_svd(R: torch.Tensor, rank: int, L: Optional[torch.Tensor] = None, method: str = "auto",
                   oversample: Optional[int] = None, power_iters: Optional[int] = None,
-                  seed: Optional[int] = 0) -> TruncatedSVD:
+                  seed: Optional[int] = 0, gram: Optional[Tuple[torch.Tensor, float]] = None) -> TruncatedSVD:
     """Dispatch between :func:`exact_svd`, :func:`block_krylov_svd` and :func:`randomized_svd`
     (``method``: auto|exact|krylov|randomized; auto = exact for small layers, krylov for large).
 
     ``power_iters`` None: Krylov iterates until converged; randomized uses ``DEFAULT_POWER_ITERS``.
+    ``gram=(H, λ)`` (``L L^T = H + λI``) lets block Krylov multiply by ``H`` instead of ``L`` twice.
     """
     if method == "auto":
         method = choose_svd(R.shape, rank)
     if method == "exact":
         return exact_svd(R, rank, L)
     if method == "krylov":
-        return block_krylov_svd(R, rank, L, oversample=oversample, power_iters=power_iters, seed=seed)
+        return block_krylov_svd(R, rank, L, oversample=oversample, power_iters=power_iters, seed=seed, gram=gram)
     if method == "randomized":
         iters = DEFAULT_POWER_ITERS if power_iters is None else power_iters
         return randomized_svd(R, rank, L, oversample=oversample, power_iters=iters, seed=seed)

@@ -271,3 +271,27 @@ def test_serial_threads_runs_on_one_thread_and_restores_the_count():
     assert torch.get_num_threads() == before
     with linalg.serial_threads(torch.zeros(1, device="meta")):  # not a CPU tensor: left alone
         assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_krylov_through_the_gram_matrix_equals_the_route_through_its_cholesky_factor(dtype):
+    """CLoQ's solve multiplies by H + λI once per step instead of by L and L^T: the same operator
+    E E^T, so the same subspace and the same top singular triplets up to rounding."""
+    g = torch.Generator().manual_seed(5)
+    R = torch.randn(300, 520, generator=g, dtype=dtype)
+    H = _gram(700, 520, dtype=dtype)
+    L, lam = linalg.damped_cholesky(H, damp=1e-3)
+    rank = 12
+    for power_iters in (3, None):
+        plain = linalg.block_krylov_svd(R, rank, L, power_iters=power_iters)
+        fused = linalg.block_krylov_svd(R, rank, L, power_iters=power_iters, gram=(H, lam))
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+        assert torch.allclose(fused.S, plain.S, rtol=tol), (fused.S - plain.S).abs().max()
+        E = R @ L
+        for t in (plain, fused):  # both are singular triplets of E = R·L: E^T u = σ v
+            assert torch.allclose(E.T @ t.U, t.Vh.T * t.S, atol=50 * tol * float(t.S[0]))
+        P_plain = plain.U @ plain.U.T
+        P_fused = fused.U @ fused.U.T
+        assert float((P_plain - P_fused).abs().max()) < 100 * tol
+    with pytest.raises(ValueError, match="gram"):
+        linalg.block_krylov_svd(R, rank, None, gram=(H, lam))

@@ -42,8 +42,14 @@ def _check_W(W) -> None:
         raise ValueError(f"`W` has unsupported dtype {W.dtype}")
     if W.numel() == 0:
         raise ValueError("`W` is empty")
-    if not bool(torch.isfinite(W).all()):
+    if not _all_finite(W):
         raise ValueError("`W` contains NaN or Inf values")
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``. A finite sum proves it (NaN and ±Inf propagate through a sum) and costs
+    one read; only a sum that overflowed or met a NaN/Inf takes the elementwise test."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _check_rank(rank, shape) -> None:
@@ -63,37 +69,57 @@ def _check_H(H, in_features: int) -> None:
         raise ValueError(f"`H` must have shape ({in_features}, {in_features}); got {tuple(getattr(H, 'shape', ()))}")
     if H.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"`H` has unsupported dtype {H.dtype}")
-    if not bool(torch.isfinite(H).all()):
+    if not _all_finite(H):
         raise ValueError("`H` contains NaN or Inf values")
     Hf = H.float()
-    if bool((Hf - Hf.transpose(0, 1)).abs().max() > 1e-4 * Hf.abs().max().clamp(min=1e-30)):
+    if not _is_symmetric(Hf):
         raise ValueError("`H` is not symmetric; it must be a Gram matrix X^T X")
     if float(torch.diagonal(Hf).sum()) <= 0:
         raise ValueError("`H` is zero (no calibration activations reached this layer)")
-    _check_psd(Hf)
+    _check_gram(Hf)
 
 
-def _check_psd(H: torch.Tensor, rtol: float = 1e-4) -> None:
-    """Cheap necessary conditions of a Gram matrix X^T X, O(in²): a non-negative diagonal and
-    |H_ij| <= sqrt(H_ii·H_jj) (Cauchy-Schwarz). Damping would otherwise "fix" an indefinite H
-    and return factors for a meaningless objective."""
+# Rows per block of the O(in²) checks: a block and its transposed column block stay in cache, and
+# no in×in temporary is made.
+_CHECK_BLOCK = 256
+
+
+def _is_symmetric(H: torch.Tensor, rtol: float = 1e-4) -> bool:
+    """max|H - H^T| <= rtol·max|H|: each row block against the transposed column block on and right
+    of the diagonal (the upper triangle, read once), in cache-sized blocks."""
+    asym = 0.0
+    for r0 in range(0, H.shape[0], _CHECK_BLOCK):
+        rows = H[r0:r0 + _CHECK_BLOCK, r0:]
+        asym = max(asym, float((rows - H[r0:, r0:r0 + _CHECK_BLOCK].t()).abs().max()))
+    return not asym > rtol * max(float(H.abs().max()), 1e-30)
+
+
+def _check_gram(H: torch.Tensor, rtol: float = 1e-4) -> None:
+    """Cheap necessary conditions of a Gram matrix X^T X, O(in²), by row blocks: a non-negative
+    diagonal and |H_ij| <= sqrt(H_ii·H_jj) (Cauchy-Schwarz). Damping would otherwise
+    "fix" an indefinite H and return factors for a meaningless objective."""
     d = torch.diagonal(H)
     scale = float(d.max())
     if float(d.min()) < -rtol * scale:
         i = int(d.argmin())
         raise ValueError(f"`H` is not positive semi-definite: H[{i}, {i}] = {float(d[i]):.4g} < 0 "
                          "(it must be a Gram matrix X^T X)")
-    # Squares on H / max(diag), not sqrt(outer(d, d)): no overflow, and no in×in elementwise sqrt
-    # (on this project's 2-core VMs, the first large torch.sqrt of a process returned values 2.4e-4
-    # low on one of its two threads in about 1 run of 5, refusing a valid H). Flags |H_ij| beyond
-    # sqrt(H_ii·H_jj) + rtol·scale at most, since sqrt(H_ii·H_jj) <= scale.
-    if scale <= 0:
-        return
+    # Cauchy-Schwarz on squares of H / max(diag), not sqrt(outer(d, d)): no overflow, and no large
+    # elementwise sqrt (on this project's 2-core VMs the first large torch.sqrt of a process returned
+    # values 2.4e-4 low on one of its two threads in about 1 run of 5, refusing a valid H). It flags
+    # |H_ij| beyond sqrt(H_ii·H_jj) + rtol·scale at most, since sqrt(H_ii·H_jj) <= scale.
     dn = d.clamp(min=0) / scale
-    excess = torch.square(H / scale) - torch.outer(dn, dn)
-    if float(excess.max()) > 2 * rtol + rtol * rtol:
+    n = H.shape[0]
+    worst, at = -math.inf, (0, 0)
+    for r0 in range(0, n, _CHECK_BLOCK):
+        rows = H[r0:r0 + _CHECK_BLOCK]
+        excess = torch.square(rows / scale) - torch.outer(dn[r0:r0 + _CHECK_BLOCK], dn)
+        k = int(excess.argmax())
+        if float(excess.view(-1)[k]) > worst:
+            worst, at = float(excess.view(-1)[k]), (r0 + k // n, k % n)
+    if worst > 2 * rtol + rtol * rtol:
         dc = d.clamp(min=0)
-        i, j = divmod(int(excess.argmax()), H.shape[1])
+        i, j = at
         raise ValueError(f"`H` is not positive semi-definite: |H[{i}, {j}]| = {float(H[i, j].abs()):.4g} exceeds "
                          f"sqrt(H[{i}, {i}]·H[{j}, {j}]) = {float(torch.sqrt(dc[i] * dc[j])):.4g} "
                          "(it must be a Gram matrix X^T X)")

@@ -35,7 +35,8 @@ def cloq(R: torch.Tensor, H: torch.Tensor, rank: int, scaling: float = 1.0, damp
     L, lam = linalg.damped_cholesky(H, damp=damp, max_tries=max_tries)
     method = linalg.choose_svd(R.shape, rank) if svd == "auto" else svd
     logger.debug("cloq: %s rank %d, λ=%.3g, svd=%s", tuple(R.shape), rank, lam, method)
-    t = linalg.truncated_svd(R, rank, L, method=method, oversample=oversample, power_iters=power_iters, seed=seed)
+    t = linalg.truncated_svd(R, rank, L, method=method, oversample=oversample, power_iters=power_iters, seed=seed,
+                            gram=(H, lam))
     B, A_white = linalg.balanced_split(t.U, t.S, t.Vh, scaling)
     A = linalg.solve_right_lower(A_white, L)
     return A, B

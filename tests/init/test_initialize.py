@@ -203,3 +203,28 @@ def test_indefinite_H_is_refused_as_not_positive_semidefinite(method):
     with pytest.raises(ValueError, match=r"not positive semi-definite: \|H\[(2, 5|5, 2)\]\|"):
         ce.init_lora(W, qw, coupled, 4, method=method)
     ce.init_lora(W, qw, H, 4, method=method)  # the real Gram matrix passes
+
+
+def test_the_gram_checks_read_every_block_of_a_large_H():
+    """The symmetry and Cauchy-Schwarz checks go by row blocks of 256: a defect in the last, partial
+    block is found, and a NaN or Inf anywhere is refused although the fast path only sums."""
+    W, H = _layer(out=16, inp=608, tokens=900)  # 608 = 2 blocks of 256 + 96
+    qw = ce.quantize_weight(W, RTN2)
+    ce.init_lora(W, qw, H, 4, method="cloq")
+    skewed = H.clone()
+    skewed[600, 3] += 0.1 * float(H.abs().max())
+    with pytest.raises(ValueError, match="not symmetric"):
+        ce.init_lora(W, qw, skewed, 4, method="cloq")
+    coupled = H.clone()
+    coupled[605, 606] = coupled[606, 605] = 2 * torch.sqrt(H[605, 605] * H[606, 606])
+    with pytest.raises(ValueError, match=r"not positive semi-definite: \|H\[(605, 606|606, 605)\]\|"):
+        ce.init_lora(W, qw, coupled, 4, method="cloq")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = H.clone()
+        broken[607, 607] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            ce.init_lora(W, qw, broken, 4, method="cloq")
+    W_bad = W.clone()
+    W_bad[15, 607] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ce.init_lora(W_bad, qw, H, 4, method="cloq")
